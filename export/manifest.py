@@ -1,0 +1,133 @@
+"""The artifacts manifest: what was built, from what, with which signatures and checksums.
+
+Written last by `dsexport build` (so a directory without one is not a finished
+build) and read by the runtime, which trusts nothing it does not describe.
+
+Layout of an artifacts directory:
+    manifest.json
+    tokenizer/tokenizer.json, tokenizer/tokenizer_config.json
+    rank<R>/prefill.mindir, rank<R>/decode.mindir   (or *_graph.mindir + *_variables/)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..graphs.config import ModelConfig
+from ..graphs.errors import DsflowError
+from ..graphs.signatures import CACHE_LAYOUT
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "dsflow-artifacts"
+FORMAT_VERSION = 1
+
+
+class ManifestError(DsflowError):
+    """An artifacts directory that is missing, unfinished, altered or from a newer dsflow."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def files_with_checksums(root: Path) -> dict[str, dict[str, Any]]:
+    """Every file below `root` except the manifest: relative path -> sha256 and size."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != MANIFEST_NAME:
+            out[p.relative_to(root).as_posix()] = {"sha256": sha256_file(p),
+                                                   "bytes": p.stat().st_size}
+    return out
+
+
+@dataclass(frozen=True)
+class Manifest:
+    root: Path
+    data: dict
+
+    @property
+    def config(self) -> ModelConfig:
+        return ModelConfig.from_dict(self.data["model"])
+
+    @property
+    def tp(self) -> int:
+        return int(self.data["tp"])
+
+    @property
+    def dtype(self) -> str:
+        return self.data["dtype"]
+
+    @property
+    def target(self) -> str:
+        return self.data["target"]
+
+    @property
+    def max_seq_len(self) -> int:
+        return int(self.data["kv_cache"]["max_seq_len"])
+
+    def graph(self, rank: int, kind: str) -> dict:
+        for g in self.data["graphs"]:
+            if g["rank"] == rank and g["kind"] == kind:
+                return g
+        raise ManifestError(f"{self.root / MANIFEST_NAME}: no {kind} graph for rank {rank}")
+
+    def graph_path(self, rank: int, kind: str) -> Path:
+        return self.root / self.graph(rank, kind)["file"]
+
+    def tokenizer_dir(self) -> Path:
+        return self.root / "tokenizer"
+
+    def verify(self, paths: list[str] | None = None) -> None:
+        """Check sizes (always) and sha256 (of `paths`, or of everything if None)."""
+        files = self.data["files"]
+        for rel in files if paths is None else paths:
+            p = self.root / rel
+            if not p.is_file():
+                raise ManifestError(f"{p}: listed in the manifest but missing")
+            if p.stat().st_size != files[rel]["bytes"]:
+                raise ManifestError(f"{p}: size differs from the manifest (altered or truncated)")
+            if sha256_file(p) != files[rel]["sha256"]:
+                raise ManifestError(f"{p}: sha256 differs from the manifest (altered)")
+
+
+def kv_cache_section(cfg: ModelConfig, tp: int, dtype: str, max_seq_len: int) -> dict:
+    return {"layout": list(CACHE_LAYOUT), "dtype": dtype, "max_seq_len": max_seq_len,
+            "layers": cfg.num_layers, "kv_heads_per_rank": cfg.num_kv_heads // tp,
+            "head_dim": cfg.head_dim,
+            "bytes_per_token_per_rank": 2 * cfg.num_layers * (cfg.num_kv_heads // tp)
+            * cfg.head_dim * (4 if dtype == "float32" else 2)}
+
+
+def write_manifest(root: Path, data: dict) -> None:
+    data = {"format": FORMAT, "format_version": FORMAT_VERSION, **data,
+            "files": files_with_checksums(root)}
+    tmp = root / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(root / MANIFEST_NAME)
+
+
+def read_manifest(root: str | Path) -> Manifest:
+    root = Path(root)
+    path = root / MANIFEST_NAME
+    if not root.is_dir():
+        raise ManifestError(f"{root}: no such artifacts directory (run `dsexport build` first, "
+                            "or pass --artifacts DIR)")
+    if not path.is_file():
+        raise ManifestError(f"{path}: missing; {root} is not a finished dsflow build")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ManifestError(f"{path}: not a dsflow manifest")
+    if data.get("format_version", 0) > FORMAT_VERSION:
+        raise ManifestError(f"{path}: format version {data['format_version']} is newer than "
+                            f"this dsflow understands ({FORMAT_VERSION}); upgrade dsflow")
+    return Manifest(root, data)

@@ -1,0 +1,29 @@
+"""Coordinator <-> worker messages.
+
+Transport: `multiprocessing.connection` over 127.0.0.1, authenticated with a random
+per-run key (HMAC challenge), so only processes this coordinator started can speak
+to it. Messages are (op, payload) tuples; tensors travel as numpy arrays. Only token
+ids go to the workers and only each rank's logits slice comes back: the KV cache
+never leaves its worker.
+
+Requests (coordinator -> every worker):
+    ("prefill", {"input_ids": int32 [b, s], "valid_length": int32 [b], "kv_len": int})
+    ("decode",  {"input_ids": int32 [b], "positions": int32 [b]})
+    ("release", {})            drop the cache of the current batch
+    ("exit", {})
+Replies (worker -> coordinator):
+    ("ready", {"rank", "pid", "load_s", "rss_bytes"})  once, after loading its graphs
+    ("logits", float32 [b, vocab_padded / tp])
+    ("ok", {...})
+    ("error", {"rank", "message", "traceback"})
+"""
+from __future__ import annotations
+
+from ..graphs.errors import DsflowError
+
+AUTHKEY_ENV = "DSFLOW_AUTHKEY"
+OPS = ("prefill", "decode", "release", "exit")
+
+
+class WorkerError(DsflowError):
+    """A rank failed; the message names the rank and what it reported."""

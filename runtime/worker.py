@@ -1,0 +1,109 @@
+"""One rank's worker process: `python -m dsflow.runtime.worker ...` (started by the cluster).
+
+With MS_ROLE=MS_SCHED the same entry point runs MindSpore's cluster scheduler, whose
+init() only returns when the cluster ends. Both roles watch their parent: if the
+coordinator dies, they exit instead of lingering.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import threading
+import time
+import traceback
+from multiprocessing.connection import Client
+
+from .protocol import AUTHKEY_ENV
+
+
+def _watch_parent(parent_pid: int) -> None:
+    def loop() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(3)
+    threading.Thread(target=loop, daemon=True).start()
+
+
+def _rss_peak_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _serve(conn, backend) -> None:
+    while True:
+        try:
+            op, payload = conn.recv()
+        except EOFError:
+            return
+        if op == "exit":
+            conn.send(("ok", {"rss_peak_bytes": _rss_peak_bytes()}))
+            return
+        if op == "prefill":
+            out = backend.prefill(payload["input_ids"], payload["valid_length"],
+                                  payload["kv_len"])
+            conn.send(("logits", out))
+        elif op == "decode":
+            conn.send(("logits", backend.decode(payload["input_ids"], payload["positions"])))
+        elif op == "release":
+            backend.release()
+            conn.send(("ok", {}))
+        elif op == "stats":
+            conn.send(("ok", {"rss_peak_bytes": _rss_peak_bytes()}))
+        else:
+            raise ValueError(f"unknown op {op!r}")
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    from ..export.manifest import read_manifest
+    from .backend_mindspore import MindSporeBackend, init_mindspore
+
+    host, port = args.connect.rsplit(":", 1)
+    conn = Client((host, int(port)), authkey=bytes.fromhex(os.environ[AUTHKEY_ENV]))
+    try:
+        t0 = time.perf_counter()
+        manifest = read_manifest(args.artifacts)
+        init_mindspore(manifest.tp)
+        backend = MindSporeBackend(manifest, args.rank)
+        conn.send(("ready", {"rank": args.rank, "pid": os.getpid(),
+                             "load_s": time.perf_counter() - t0,
+                             "rss_bytes": _rss_peak_bytes()}))
+        _serve(conn, backend)
+        return 0
+    except BaseException as e:  # report, then die: the coordinator tears the cluster down
+        try:
+            conn.send(("error", {"rank": args.rank, "message": f"{type(e).__name__}: {e}",
+                                 "traceback": traceback.format_exc()}))
+        except OSError:
+            pass
+        traceback.print_exc()
+        return 1
+
+
+def run_scheduler() -> int:
+    import mindspore as ms
+    from mindspore.communication import init
+    ms.set_device("CPU")
+    init()  # serves the cluster; returns when the workers are gone
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dsflow.runtime.worker")
+    p.add_argument("--artifacts")
+    p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--connect")
+    p.add_argument("--parent-pid", type=int, default=os.getppid())
+    args = p.parse_args(argv)
+    _watch_parent(args.parent_pid)
+    if os.environ.get("MS_ROLE") == "MS_SCHED":
+        rc = run_scheduler()
+    else:
+        rc = run_worker(args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)  # skip MindSpore's slow (~7 s) cluster finalisation at interpreter exit
+
+
+if __name__ == "__main__":
+    main()
