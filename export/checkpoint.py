@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -21,9 +22,27 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
+class TensorFile(Protocol):
+    """One weights file whose tensors are read lazily.
+
+    Implemented by SafetensorsFile; every other format (PyTorch zip .bin, MindSpore
+    .ckpt) implements the same five methods, so sharding never knows the format.
+    `array` returns the tensor in its storage dtype (bf16 as uint16 bit patterns),
+    ideally a view into a memory map, so a rank's slice copies only its own bytes.
+    """
+
+    path: Path
+
+    def names(self) -> list[str]: ...
+    def shape(self, name: str) -> tuple[int, ...]: ...
+    def dtype(self, name: str) -> str: ...
+    def array(self, name: str) -> np.ndarray: ...
+    def close(self) -> None: ...
+
+
 @dataclass
 class TensorLocation:
-    file: SafetensorsFile
+    file: TensorFile
     name: str
 
 
@@ -35,7 +54,7 @@ class Checkpoint:
         if not self.directory.is_dir():
             raise CheckpointError(f"{self.directory}: not a directory")
         self.config: ModelConfig = load_config(self.directory)
-        self._files: list[SafetensorsFile] = []
+        self._files: list[TensorFile] = []
         self._where: dict[str, TensorLocation] = {}
         self._open_weights()
 

@@ -1,0 +1,131 @@
+"""`dsrun`: generate text from dsflow artifacts with one worker process per rank."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from ..graphs.errors import DsflowError
+from .sampling import SamplingParams
+
+
+class _OrderedPrinter:
+    """Streams prompt 0 live; later prompts' text is held until the ones before finish,
+    so several prompts print as readable blocks in order, each as early as possible."""
+
+    def __init__(self, n: int, show_headers: bool):
+        self.n, self.headers = n, show_headers
+        self.current = 0
+        self.buffers = [""] * n
+        self.finished = [False] * n
+        self._header(0)
+
+    def _header(self, i: int) -> None:
+        if self.headers and i < self.n:
+            click.echo(f"{'' if i == 0 else chr(10)}=== prompt {i + 1} ===")
+
+    def add(self, index: int, text: str, finished: bool) -> None:
+        if index == self.current:
+            click.echo(text, nl=False)
+            sys.stdout.flush()
+        else:
+            self.buffers[index] += text
+        self.finished[index] = self.finished[index] or finished
+        while self.current < self.n and self.finished[self.current]:
+            click.echo("")
+            self.current += 1
+            if self.current < self.n:
+                self._header(self.current)
+                click.echo(self.buffers[self.current], nl=False)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    click.echo(f"dsrun: error: {message}", err=True)
+    sys.exit(code)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--artifacts", type=click.Path(path_type=Path), default="dsflow-artifacts",
+              show_default=True, help="Directory written by `dsexport build`.")
+@click.option("--prompt", "prompts", multiple=True,
+              help="Prompt text; repeat for a batch (prompts may differ in length). "
+                   "Without --prompt, the prompt is read from standard input.")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True,
+              help="Stop after this many generated tokens.")
+@click.option("--temperature", type=float, default=0.0, show_default=True,
+              help="Sampling temperature; 0 = greedy (deterministic).")
+@click.option("--top-k", type=int, default=0, show_default=True,
+              help="Sample among the k most likely tokens only (0 = off).")
+@click.option("--top-p", type=float, default=1.0, show_default=True,
+              help="Nucleus sampling: smallest set of tokens with this total probability.")
+@click.option("--seed", type=int, default=None, help="Random seed for sampling.")
+@click.option("--stop", "stops", multiple=True,
+              help="Stop when this text is generated (not included in the output); repeatable.")
+@click.option("--chat", is_flag=True,
+              help="Wrap each prompt in the model's chat template (instruct models).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object per prompt (token ids, text, finish_reason, timings) "
+                   "instead of streaming text.")
+@click.option("--verify", is_flag=True,
+              help="Check the sha256 of every artifact against the manifest before loading.")
+@click.option("-q", "--quiet", is_flag=True, help="No timing summary on standard error.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Show MindSpore's log lines and the workers' output.")
+def main(artifacts: Path, prompts: tuple[str, ...], max_new_tokens: int, temperature: float,
+         top_k: int, top_p: float, seed: Optional[int], stops: tuple[str, ...], chat: bool,
+         as_json: bool, verify: bool, quiet: bool, verbose: bool) -> None:
+    """Generate text from a DeepSeek-Coder model exported by `dsexport build`.
+
+    \b
+    Examples:
+      dsrun --prompt "#write a quick sort algorithm" --max-new-tokens 100
+      dsrun --chat --prompt "Write a Python function that reverses a list"
+      dsrun --prompt "def add(a, b):" --prompt "// C: binary search" --json
+    """
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(name)s: %(message)s")
+    if not prompts:
+        if sys.stdin.isatty():
+            _fail("no prompt: pass --prompt TEXT (repeatable) or pipe text on standard input")
+        prompts = (sys.stdin.read(),)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_k=top_k, top_p=top_p, seed=seed, stop=tuple(stops))
+    from .engine import Engine
+    engine = None
+    try:
+        params.check()
+        engine = Engine(artifacts, verbose=verbose, verify=verify)
+        results = _run(engine, list(prompts), params, chat, as_json)
+    except DsflowError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        click.echo("\ndsrun: interrupted", err=True)
+        sys.exit(130)
+    finally:
+        if engine is not None:
+            engine.close()
+    if not quiet and not as_json and results:
+        r = results[0]
+        n = sum(len(c.token_ids) for c in results)
+        click.echo(f"[{n} tokens; startup {engine.startup_s:.1f} s, prefill {r.prefill_ms:.0f} ms, "
+                   f"decode {r.decode_ms_per_token:.1f} ms/token at batch {len(results)}]",
+                   err=True)
+
+
+def _run(engine, prompts: list[str], params: SamplingParams, chat: bool, as_json: bool) -> list:
+    if as_json:
+        results = engine.generate(prompts, params, chat=chat)
+        for c in results:
+            click.echo(json.dumps(c.to_dict(), ensure_ascii=False))
+        return results
+    printer = _OrderedPrinter(len(prompts), show_headers=len(prompts) > 1)
+    results = []
+    for event in engine.stream(prompts, params, chat=chat):
+        printer.add(event.index, event.text, event.finished is not None)
+        if event.finished is not None:
+            results.append(event.finished)
+    return sorted(results, key=lambda c: c.index)
