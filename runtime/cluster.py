@@ -157,6 +157,15 @@ class Cluster:
             if deadline is not None and time.monotonic() > deadline:
                 raise WorkerError(f"workers did not answer in time; logs: {self.run_dir}")
 
+    def _lost(self, rank: int) -> None:
+        """A rank's connection broke: report its exit if it died, else the break."""
+        self.failed = True
+        deadline = time.monotonic() + 2.0
+        while self.procs[f"rank{rank}"].poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._check_alive()
+        raise WorkerError(f"rank {rank} closed its connection; logs: {self.run_dir}")
+
     def _raise_if_error(self, op: str, info: Any) -> None:
         if op == "error":
             self.failed = True
@@ -164,11 +173,18 @@ class Cluster:
             raise WorkerError(f"rank {info['rank']} failed: {info['message']} "
                               f"(log: {self.run_dir / ('rank%d.log' % info['rank'])})")
 
+    @property
+    def busy(self) -> bool:
+        return self._busy
+
     def request(self, op: str, payload: dict) -> list[Any]:
         """Send one op to every rank; return the replies in rank order."""
         self._busy = True
-        for conn in self.conns:
-            conn.send((op, payload))
+        for rank, conn in enumerate(self.conns):
+            try:
+                conn.send((op, payload))
+            except OSError:
+                self._lost(rank)
         replies: list[Any] = [None] * self.tp
         index = {id(c): r for r, c in enumerate(self.conns)}
         pending = list(self.conns)
@@ -176,10 +192,8 @@ class Cluster:
             for conn in self._wait(pending):
                 try:
                     op_back, body = conn.recv()
-                except EOFError:
-                    self._check_alive()
-                    raise WorkerError(f"rank {index[id(conn)]} closed its connection; "
-                                      f"logs: {self.run_dir}") from None
+                except (EOFError, OSError):
+                    self._lost(index[id(conn)])
                 self._raise_if_error(op_back, body)
                 replies[index[id(conn)]] = body
                 pending.remove(conn)

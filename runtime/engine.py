@@ -169,25 +169,59 @@ class Engine:
     def _gather_logits(self, op: str, payload: dict) -> np.ndarray:
         return np.concatenate(self.cluster.request(op, payload), axis=1)
 
-    def _run_batch(self, ids: list[list[int]], params: SamplingParams,
-                   sampler: Sampler) -> Iterator[StreamEvent]:
+    def _prefill(self, ids: list[list[int]], max_new_tokens: int) -> np.ndarray:
+        """Right-pad the prompts into one batch, run prefill on every rank, size the
+        cache for `max_new_tokens`; returns the gathered last-token logits."""
         longest = max(len(p) for p in ids)
-        kv_len = plan_kv_len(longest, params.max_new_tokens, self.manifest.max_seq_len)
+        kv_len = plan_kv_len(longest, max_new_tokens, self.manifest.max_seq_len)
         seq = padded_prompt_len(longest, self.manifest.max_seq_len)
         batch = np.full((len(ids), seq), self.pad_id, np.int32)
         for b, p in enumerate(ids):
             batch[b, :len(p)] = p
         lengths = np.array([len(p) for p in ids], np.int32)
+        return self._gather_logits("prefill", {"input_ids": batch, "valid_length": lengths,
+                                               "kv_len": kv_len})
+
+    def _decode(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        return self._gather_logits("decode", {"input_ids": tokens.astype(np.int32),
+                                              "positions": positions.astype(np.int32)})
+
+    def _release(self) -> None:
+        if not self.cluster.failed and not self.cluster.busy:
+            self.cluster.request("release", {})
+
+    def forced_logits(self, prompts: Sequence[Sequence[int]],
+                      forced: Sequence[Sequence[int]]) -> np.ndarray:
+        """Logits after each prompt and after each given next token (teacher forcing):
+        [batch, 1 + n, vocab]. For parity checks and scoring; all `forced` lists must
+        have the same length n."""
+        n = len(forced[0])
+        if any(len(f) != n for f in forced) or len(forced) != len(prompts):
+            raise DsflowError("forced_logits: one continuation per prompt, all the same length")
+        ids = [list(map(int, p)) for p in prompts]
+        vocab = self.manifest.config.vocab_size
+        with self._lock:
+            try:
+                out = [self._prefill(ids, max(n, 1))[:, :vocab]]
+                positions = np.array([len(p) for p in ids])
+                for step in range(n):
+                    tokens = np.array([f[step] for f in forced])
+                    out.append(self._decode(tokens, positions + step)[:, :vocab])
+            finally:
+                self._release()
+        return np.stack(out, axis=1)
+
+    def _run_batch(self, ids: list[list[int]], params: SamplingParams,
+                   sampler: Sampler) -> Iterator[StreamEvent]:
         states = [_SequenceState(Completion(b, list(p)), self.tokenizer, params)
                   for b, p in enumerate(ids)]
         t0 = time.perf_counter()
         try:
-            logits = self._gather_logits("prefill", {"input_ids": batch, "valid_length": lengths,
-                                                     "kv_len": kv_len})
+            logits = self._prefill(ids, params.max_new_tokens)
             prefill_ms = (time.perf_counter() - t0) * 1e3
             for s in states:
                 s.c.prefill_ms = s.c.time_to_first_token_ms = prefill_ms
-            positions = lengths.copy()  # where each sequence's next token goes
+            positions = np.array([len(p) for p in ids])  # where each next token goes
             steps, t_decode = 0, time.perf_counter()
             while True:
                 tokens = sampler(logits)
@@ -203,14 +237,11 @@ class Engine:
                 if not active.any():
                     break
                 # finished sequences keep feeding a token at a frozen position: harmless
-                feed = np.where(active, tokens, self.pad_id).astype(np.int32)
-                logits = self._gather_logits("decode", {"input_ids": feed,
-                                                        "positions": positions.copy()})
-                positions = positions + active.astype(np.int32)
+                logits = self._decode(np.where(active, tokens, self.pad_id), positions)
+                positions = positions + active
                 steps += 1
         finally:
-            if not self.cluster.failed and not self.cluster._busy:
-                self.cluster.request("release", {})
+            self._release()
 
     # ---- lifetime -----------------------------------------------------------------
     def close(self) -> None:

@@ -1,0 +1,93 @@
+"""Shared fixtures: tiny random-weight DeepSeek-Coder-shaped checkpoints, their exports
+and one running cluster per tensor-parallel degree, shared by the whole session.
+
+Real files from ../shared/models (the DeepSeek-Coder tokenizer and configs) are read
+in place, never copied into the repository; set DSFLOW_SHARED to point elsewhere.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("DSFLOW_SHARED", REPO.parent / "shared"))
+TOKENIZER_DIR = SHARED / "models" / "deepseek-coder-tokenizer"
+CONFIGS_DIR = SHARED / "models" / "configs"
+REAL_VOCAB = 32022  # real tokens of the DeepSeek-Coder tokenizer; 32256 embedding rows
+
+# DeepSeek-Coder's shape at toy size: rope theta 1e5, linear scaling 4, GQA (2 groups),
+# vocabulary of the real model; tp = 1, 2 and 4 all divide it.
+TINY = dict(vocab_size=32256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=8, num_key_value_heads=4, rope_theta=100000.0,
+            rope_scaling={"type": "linear", "factor": 4.0}, max_position_embeddings=512,
+            rms_norm_eps=1e-6, tie_word_embeddings=False, initializer_range=0.1,
+            bos_token_id=32013, eos_token_id=32021)
+
+
+def require_shared() -> None:
+    if not TOKENIZER_DIR.is_dir():
+        pytest.fail(f"{TOKENIZER_DIR} not found: the tests read the real DeepSeek-Coder "
+                    "tokenizer from ../shared/models (or set DSFLOW_SHARED)")
+
+
+def make_hf_checkpoint(path: Path, seed: int = 0, safe: bool = True, dtype=None, **over):
+    """Save a random-weight LlamaForCausalLM with the real tokenizer files beside it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    require_shared()
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY, **over})).eval()
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(path, safe_serialization=safe)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(TOKENIZER_DIR / f, path / f)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-hf")
+    make_hf_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def hf_model(tiny_checkpoint):
+    from transformers import LlamaForCausalLM
+    return LlamaForCausalLM.from_pretrained(tiny_checkpoint, dtype="float32").eval()
+
+
+_ARTIFACTS: dict[int, Path] = {}
+_ENGINES: dict[int, object] = {}
+
+
+@pytest.fixture(scope="session")
+def export_tiny(tiny_checkpoint, tmp_path_factory):
+    """tp -> artifacts directory (built once per tp per session)."""
+    from dsflow.export.build import BuildOptions, build
+
+    def get(tp: int) -> Path:
+        if tp not in _ARTIFACTS:
+            out = tmp_path_factory.mktemp(f"art-tp{tp}") / "artifacts"
+            _ARTIFACTS[tp] = build(BuildOptions(model_dir=tiny_checkpoint, out=out, tp=tp))
+        return _ARTIFACTS[tp]
+    return get
+
+
+@pytest.fixture(scope="session")
+def engine_for(export_tiny):
+    """tp -> a running Engine on the tiny model: one cluster per tp for the session."""
+    from dsflow.runtime.engine import Engine
+
+    def get(tp: int):
+        if tp not in _ENGINES:
+            _ENGINES[tp] = Engine(export_tiny(tp))
+        return _ENGINES[tp]
+    yield get
+    for engine in _ENGINES.values():
+        engine.close()
+    _ENGINES.clear()
