@@ -13,7 +13,19 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("DSFLOW_SHARED", REPO.parent / "shared"))
+
+
+def _find_shared() -> Path:
+    """$DSFLOW_SHARED, else the nearest `shared/models` beside the checkout or above it."""
+    if os.environ.get("DSFLOW_SHARED"):
+        return Path(os.environ["DSFLOW_SHARED"])
+    for parent in REPO.parents:
+        if (parent / "shared" / "models").is_dir():
+            return parent / "shared"
+    return REPO.parent / "shared"
+
+
+SHARED = _find_shared()
 TOKENIZER_DIR = SHARED / "models" / "deepseek-coder-tokenizer"
 CONFIGS_DIR = SHARED / "models" / "configs"
 REAL_VOCAB = 32022  # real tokens of the DeepSeek-Coder tokenizer; 32256 embedding rows
