@@ -11,15 +11,23 @@ from ..export.manifest import Manifest
 from .kv_cache import extend_cache
 
 
+THREADS_ENV = "DSFLOW_THREADS"
+
+
 def init_mindspore(tp: int) -> None:
     """Graph mode on CPU; with tp > 1 join the cluster and create the group the graphs use.
 
     Exported graphs name `hccl_world_group` (see graphs.layers.WORLD_GROUP); on CPU the
-    world group is `mccl_world_group`, so an alias over all ranks is created.
+    world group is `mccl_world_group`, so an alias over all ranks is created. Kernel
+    threads are capped at the rank's share of the cores (the cluster sets
+    DSFLOW_THREADS): tp ranks each spawning a thread per core oversubscribe the CPU.
     """
+    import os
     import mindspore as ms
     ms.set_context(mode=ms.GRAPH_MODE)
     ms.set_device("CPU")
+    if os.environ.get(THREADS_ENV):
+        ms.set_context(runtime_num_threads=int(os.environ[THREADS_ENV]))
     if tp > 1:
         from mindspore.communication import create_group, get_group_size, init
         from ..graphs.layers import WORLD_GROUP

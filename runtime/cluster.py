@@ -26,6 +26,7 @@ from multiprocessing.connection import Connection, Listener, wait
 from pathlib import Path
 from typing import Any, Optional
 
+from .backend_mindspore import THREADS_ENV
 from .protocol import AUTHKEY_ENV, WorkerError
 
 log = logging.getLogger("dsflow.cluster")
@@ -73,6 +74,7 @@ class Cluster:
         env[AUTHKEY_ENV] = self._authkey.hex()
         env.setdefault("GLOG_v", "1" if self.verbose else "3")
         env.setdefault("OMP_NUM_THREADS", str(self.threads))
+        env.setdefault(THREADS_ENV, str(self.threads))
         env["PYTHONUNBUFFERED"] = "1"
         if self.tp > 1:
             env.update(MS_ROLE=role, MS_SCHED_HOST="127.0.0.1", MS_SCHED_PORT=str(sched_port),
