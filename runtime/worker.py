@@ -30,6 +30,21 @@ def _rss_peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _rss_now_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _memory() -> dict:
+    return {"rss_peak_bytes": _rss_peak_bytes(), "rss_bytes": _rss_now_bytes()}
+
+
 def _serve(conn, backend) -> None:
     while True:
         try:
@@ -37,7 +52,7 @@ def _serve(conn, backend) -> None:
         except EOFError:
             return
         if op == "exit":
-            conn.send(("ok", {"rss_peak_bytes": _rss_peak_bytes()}))
+            conn.send(("ok", _memory()))
             return
         if op == "prefill":
             out = backend.prefill(payload["input_ids"], payload["valid_length"],
@@ -49,7 +64,7 @@ def _serve(conn, backend) -> None:
             backend.release()
             conn.send(("ok", {}))
         elif op == "stats":
-            conn.send(("ok", {"rss_peak_bytes": _rss_peak_bytes()}))
+            conn.send(("ok", _memory()))
         else:
             raise ValueError(f"unknown op {op!r}")
 
@@ -66,8 +81,7 @@ def run_worker(args: argparse.Namespace) -> int:
         init_mindspore(manifest.tp)
         backend = MindSporeBackend(manifest, args.rank)
         conn.send(("ready", {"rank": args.rank, "pid": os.getpid(),
-                             "load_s": time.perf_counter() - t0,
-                             "rss_bytes": _rss_peak_bytes()}))
+                             "load_s": time.perf_counter() - t0, **_memory()}))
         _serve(conn, backend)
         return 0
     except BaseException as e:  # report, then die: the coordinator tears the cluster down

@@ -5,7 +5,7 @@ Builds a ~100M-parameter DeepSeek-Coder-shaped checkpoint (random weights, fp32)
 exports it with dsflow, then measures in this one run:
   - cold start: process start -> first generated token (a fresh process each);
   - prefill ms for the prompt, decode ms/token (warm: shapes compiled by a first run;
-    median of --repeat runs);
+    median of --repeat runs, interleaved across contenders);
   - peak RSS per process (per rank for dsflow).
 transformers is the reference: its own KV-cache loop (prefill forward, then one
 forward per token, greedy), fp32, torch CPU threads = cores. Ratios are dsflow /
@@ -60,15 +60,24 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-# ---- measured in child processes -------------------------------------------------
-def child_hf(args) -> dict:
-    t0 = float(os.environ["BENCH_T0"])
+def rss_now_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+
+# ---- measured in child processes ---------------------------------------------------
+# A child loads its model, reports its cold start, then answers "run" lines on stdin
+# with one measured generation each, and "exit" with its peak RSS. The parent
+# interleaves the children's runs, so every contender sees the same machine state
+# (these shared 2-core machines vary by 2x over minutes).
+
+def hf_session(args):
     import torch
     from transformers import LlamaForCausalLM
     model = LlamaForCausalLM.from_pretrained(args.ckpt, dtype=torch.float32).eval()
     ids = torch.tensor([prompt_ids(args.prompt_len)])
 
-    def run(n_new: int) -> tuple[float, float, list[int]]:
+    def run(n_new: int) -> dict:
         with torch.no_grad():
             t = time.perf_counter()
             out = model(ids, use_cache=True)
@@ -79,54 +88,83 @@ def child_hf(args) -> dict:
                 toks.append(int(tok))
                 out = model(tok[:, None], past_key_values=cache, use_cache=True)
                 cache, tok = out.past_key_values, out.logits[:, -1].argmax(-1)
-            return prefill * 1e3, (time.perf_counter() - t) * 1e3 / max(n_new - 1, 1), toks
-
+            return {"prefill_ms": prefill * 1e3, "tokens": toks,
+                    "decode_ms": (time.perf_counter() - t) * 1e3 / max(n_new - 1, 1)}
     run(1)
-    ttft = time.time() - t0
-    samples = [run(args.new_tokens) for _ in range(args.repeat)]
-    return {"ttft_s": ttft, "prefill_ms": statistics.median(s[0] for s in samples),
-            "decode_ms": statistics.median(s[1] for s in samples), "rss_mb": [peak_rss_mb()],
-            "tokens": samples[0][2]}
+    return run, lambda: [(peak_rss_mb(), rss_now_mb())]
 
 
-def child_dsflow(args) -> dict:
-    t0 = float(os.environ["BENCH_T0"])
+def dsflow_session(args):
     from dsflow.runtime import Engine, SamplingParams
     params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
-    with Engine(args.artifacts) as engine:
-        next(iter(engine.stream(prompt_ids(args.prompt_len), params)))
-        ttft = time.time() - t0
-        for _ in engine.stream(prompt_ids(args.prompt_len), params):  # finish compiling shapes
-            pass
-        runs = [engine.generate(prompt_ids(args.prompt_len), params)[0] for _ in range(args.repeat)]
-    stats = engine.cluster.final_stats
-    return {"ttft_s": ttft, "prefill_ms": statistics.median(r.prefill_ms for r in runs),
-            "decode_ms": statistics.median(r.decode_ms_per_token for r in runs),
-            "rss_mb": [s["rss_peak_bytes"] / 2**20 for s in stats],
-            "tokens": runs[0].token_ids[:-1]}
+    engine = Engine(args.artifacts)
+    next(iter(engine.stream(prompt_ids(args.prompt_len), params)))
+
+    def run(n_new: int) -> dict:
+        r = engine.generate(prompt_ids(args.prompt_len), params)[0]
+        return {"prefill_ms": r.prefill_ms, "decode_ms": r.decode_ms_per_token,
+                "tokens": r.token_ids[:-1]}
+
+    def rss() -> list:
+        engine.close()
+        return [(s["rss_peak_bytes"] / 2**20, s["rss_bytes"] / 2**20)
+                for s in engine.cluster.final_stats]
+    return run, rss
 
 
-def run_child(kind: str, args, **extra) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, "--ckpt", str(args.ckpt),
-           "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
-           "--repeat", str(args.repeat)]
-    for k, v in extra.items():
-        cmd += [f"--{k}", str(v)]
-    env = dict(os.environ, BENCH_T0=repr(time.time()))
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if out.returncode != 0:
-        sys.exit(f"{kind} benchmark failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def child_main(args) -> None:
+    t0 = float(os.environ["BENCH_T0"])
+    run, rss = (hf_session if args.child == "hf" else dsflow_session)(args)
+    print(json.dumps({"ttft_s": time.time() - t0}), flush=True)
+    for line in sys.stdin:
+        if line.strip() == "run":
+            print(json.dumps(run(args.new_tokens)), flush=True)
+        else:
+            print(json.dumps({"rss_mb": rss()}), flush=True)
+            return
+
+
+class Contender:
+    def __init__(self, name: str, kind: str, args, **extra):
+        cmd = [sys.executable, __file__, "--child", kind, "--ckpt", str(args.ckpt),
+               "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens)]
+        for k, v in extra.items():
+            cmd += [f"--{k}", str(v)]
+        self.name, self.runs = name, []
+        self.proc = subprocess.Popen(cmd, env=dict(os.environ, BENCH_T0=repr(time.time())),
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.ttft_s = self._read()["ttft_s"]
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            sys.exit(f"{self.name}: benchmark child failed (exit {self.proc.wait()})")
+        return json.loads(line)
+
+    def run(self) -> None:
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        self.runs.append(self._read())
+
+    def finish(self) -> dict:
+        self.proc.stdin.write("exit\n")
+        self.proc.stdin.flush()
+        rss = self._read()["rss_mb"]
+        self.proc.wait()
+        return {"ttft_s": self.ttft_s, "rss_mb": rss,
+                "prefill_ms": statistics.median(r["prefill_ms"] for r in self.runs),
+                "decode_ms": statistics.median(r["decode_ms"] for r in self.runs),
+                "tokens": self.runs[0]["tokens"]}
 
 
 def table(rows: list[tuple[str, dict]], ref: dict) -> str:
     head = ("| run | command to first token (s) | prefill ms | decode ms/token | "
-            "decode ratio vs HF | peak RSS per process (MB) |\n|---|---|---|---|---|---|")
+            "decode ratio vs HF | RSS per process, peak / at end (MB) |\n|---|---|---|---|---|---|")
     lines = [head]
     for name, r in rows:
         lines.append(f"| {name} | {r['ttft_s']:.1f} | {r['prefill_ms']:.1f} | "
                      f"{r['decode_ms']:.1f} | {r['decode_ms'] / ref['decode_ms']:.2f} | "
-                     f"{', '.join(f'{m:.0f}' for m in r['rss_mb'])} |")
+                     f"{', '.join(f'{p:.0f} / {n:.0f}' for p, n in r['rss_mb'])} |")
     return "\n".join(lines)
 
 
@@ -140,33 +178,38 @@ def main() -> None:
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--child", choices=["hf", "dsflow"], help=argparse.SUPPRESS)
     p.add_argument("--ckpt", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--artifacts", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        result = child_hf(args) if args.child == "hf" else child_dsflow(args)
-        print(json.dumps(result))
+        child_main(args)
         return
     work = args.workdir or Path(tempfile.mkdtemp(prefix="dsflow-bench-"))
     args.ckpt = work / "ckpt"
     if not (args.ckpt / "config.json").exists():
         make_checkpoint(args.ckpt, args)
     from dsflow.export.build import BuildOptions, build
-    rows = []
-    ref = run_child("hf", args)
-    rows.append(("transformers (torch, reference)", ref))
-    for tp in [int(t) for t in args.tp.split(",")]:
+    tps = [int(t) for t in args.tp.split(",")]
+    for tp in tps:
         art = work / f"art-tp{tp}"
         if not (art / "manifest.json").exists():
             build(BuildOptions(model_dir=args.ckpt, out=art, tp=tp))
-        r = run_child("dsflow", args, artifacts=art)
-        same = r["tokens"] == ref["tokens"][:len(r["tokens"])]
-        rows.append((f"dsflow tp={tp}" + ("" if same else " (TOKENS DIFFER)"), r))
+    # started one at a time, so each cold start has the machine to itself
+    contenders = [Contender("transformers (torch, reference)", "hf", args)]
+    contenders += [Contender(f"dsflow tp={tp}", "dsflow", args, artifacts=work / f"art-tp{tp}")
+                   for tp in tps]
+    for _ in range(args.repeat):
+        for c in contenders:
+            c.run()
+    results = [(c.name, c.finish()) for c in contenders]
+    ref = results[0][1]
+    rows = [(name if r["tokens"] == ref["tokens"][:len(r["tokens"])] else
+             name + " (TOKENS DIFFER)", r) for name, r in results]
     print(f"\nprompt {args.prompt_len} tokens, {args.new_tokens} greedy new tokens, batch 1, "
-          f"{os.cpu_count()} cores, median of {args.repeat}\n")
+          f"{os.cpu_count()} cores, median of {args.repeat} interleaved runs\n")
     print(table(rows, ref))
 
 
