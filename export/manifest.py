@@ -14,7 +14,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from ..graphs.config import ModelConfig
 from ..graphs.errors import DsflowError
@@ -71,6 +71,11 @@ class Manifest:
     @property
     def max_seq_len(self) -> int:
         return int(self.data["kv_cache"]["max_seq_len"])
+
+    @property
+    def buckets(self) -> Optional[list[int]]:
+        """Prompt/cache length buckets the graphs were built for (None: any length)."""
+        return self.data.get("buckets")
 
     def graph(self, rank: int, kind: str) -> dict:
         for g in self.data["graphs"]:

@@ -23,7 +23,7 @@ import numpy as np
 from ..export.manifest import Manifest, read_manifest
 from ..graphs.errors import DsflowError
 from .cluster import Cluster
-from .kv_cache import padded_prompt_len, plan_kv_len
+from .kv_cache import plan_shapes
 from .sampling import Sampler, SamplingParams
 from .tokenizer import IncrementalDecoder, Tokenizer
 
@@ -172,9 +172,8 @@ class Engine:
     def _prefill(self, ids: list[list[int]], max_new_tokens: int) -> np.ndarray:
         """Right-pad the prompts into one batch, run prefill on every rank, size the
         cache for `max_new_tokens`; returns the gathered last-token logits."""
-        longest = max(len(p) for p in ids)
-        kv_len = plan_kv_len(longest, max_new_tokens, self.manifest.max_seq_len)
-        seq = padded_prompt_len(longest, self.manifest.max_seq_len)
+        seq, kv_len = plan_shapes(max(len(p) for p in ids), max_new_tokens,
+                                  self.manifest.max_seq_len, self.manifest.buckets)
         batch = np.full((len(ids), seq), self.pad_id, np.int32)
         for b, p in enumerate(ids):
             batch[b, :len(p)] = p
