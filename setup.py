@@ -30,5 +30,6 @@ setup(
     entry_points={"console_scripts": [
         "dsexport=dsflow.export.cli:main",
         "dsrun=dsflow.runtime.cli:main",
+        "dsserve=dsflow.runtime.serve_cli:main",
     ]},
 )
