@@ -74,3 +74,22 @@ def test_single_prompt_equals_its_batched_run(engine_for, prompt_ids, reference)
     alone = engine_for(2).generate([prompt_ids[1]], SamplingParams(max_new_tokens=12,
                                                                    ignore_eos=True))
     assert alone[0].token_ids == reference[1][:12]
+
+
+def test_vocab_not_divisible_by_tp(tmp_path_factory, prompt_ids):
+    """lm_head rows are zero-padded to a multiple of tp; padded logits must vanish."""
+    from conftest import make_hf_checkpoint
+    from dsflow.export.build import BuildOptions, build
+    from dsflow.runtime.engine import Engine
+    ckpt = tmp_path_factory.mktemp("odd-vocab")
+    model = make_hf_checkpoint(ckpt, seed=5, vocab_size=32023, num_hidden_layers=1)
+    art = build(BuildOptions(model_dir=ckpt, out=ckpt / "art", tp=2))
+    with Engine(art) as engine:
+        ours = engine.forced_logits([prompt_ids[0]], [[5, 6, 7]])
+        got = engine.generate([prompt_ids[0]], SamplingParams(max_new_tokens=8,
+                                                              ignore_eos=True))[0]
+    with torch.no_grad():
+        ref = model(torch.tensor([prompt_ids[0] + [5, 6, 7]])).logits[0, len(prompt_ids[0]) - 1:]
+    assert ours.shape == (1, 4, 32023)
+    np.testing.assert_allclose(ours[0], ref.numpy(), atol=1e-4, rtol=0)
+    assert got.token_ids == hf_greedy(model, prompt_ids[0], 8)
