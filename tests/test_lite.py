@@ -1,0 +1,396 @@
+"""The Ascend / MindSpore Lite path, everything but the mindspore_lite calls themselves:
+ini generation (tiny and 33B configs), the rank table, converter discovery and the
+generated script, and the Lite backend's call sequence against a recording fake
+`mindspore_lite` (tests/fakes). No NPU, no mindspore_lite, no mindspore import."""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import CONFIGS_DIR
+from dsflow.export import lite_build as lb
+from dsflow.export.manifest import Manifest
+from dsflow.graphs.config import config_from_hf_dict, load_config
+from dsflow.graphs.signatures import graph_signature
+from dsflow.runtime.kv_cache import plan_shapes
+
+FAKES = Path(__file__).resolve().parent / "fakes"
+BUCKETS = [16, 32, 64]
+SMALL = {"architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 32,
+         "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "max_position_embeddings": 64}
+CFG = config_from_hf_dict(SMALL)
+
+
+# ---- helpers ------------------------------------------------------------------------
+def manifest_data(tp: int, dtype: str = "float16", buckets=BUCKETS) -> dict:
+    graphs = [{"rank": r, "kind": k, "file": f"rank{r}/{k}.mindir",
+               **graph_signature(k, CFG, tp, dtype).to_dict()}
+              for r in range(tp) for k in ("prefill", "decode")]
+    return {"model": CFG.to_dict(), "tp": tp, "dtype": dtype, "buckets": buckets,
+            "kv_cache": {"max_seq_len": 64}, "graphs": graphs}
+
+
+def artifacts(root: Path, tp: int, dtype: str = "float16", env=None, **kw) -> tuple[Manifest, dict]:
+    data = manifest_data(tp, dtype)
+    for g in data["graphs"]:
+        (root / g["file"]).parent.mkdir(parents=True, exist_ok=True)
+        (root / g["file"]).write_bytes(b"mindir")
+    result = lb.lite_stage(root, data, env=env if env is not None else {"PATH": ""}, **kw)
+    lb.apply_lite_entries(data["graphs"], result)
+    data["lite"] = result["section"]
+    return Manifest(root, data), result
+
+
+def fake_converter(bin_dir: Path, rc: int = 0) -> Path:
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    conv = bin_dir / "converter_lite"
+    conv.write_text(f"""#!/usr/bin/env bash
+echo "$@ LD=${{LD_LIBRARY_PATH:-}}" >> "{bin_dir}/calls.log"
+for a in "$@"; do case "$a" in --outputFile=*) out="${{a#--outputFile=}}";;
+  --modelFile=*) in="${{a#--modelFile=}}";; esac; done
+[ -f "$in" ] || {{ echo "no model $in"; exit 3; }}
+if [ {rc} -ne 0 ]; then echo "CONVERT RESULT FAILED:-1"; exit {rc}; fi
+echo converted > "$out.mindir"; echo "CONVERT RESULT SUCCESS:0"
+""")
+    conv.chmod(0o755)
+    return conv
+
+
+def graph_options(text: str) -> dict:
+    return lb.parse_ini(text)["ge_graph_options"]
+
+
+# ---- gears and ini ------------------------------------------------------------------
+def test_ini_tiny_batch1_matches_signature_and_buckets():
+    for kind in ("prefill", "decode"):
+        sig = graph_signature(kind, CFG, 2, "float16")
+        ini = lb.parse_ini(lb.lite_config(sig, BUCKETS, rank_table_file="rank_table.json"))
+        assert ini["ascend_context"] == {"plugin_custom_ops": "All", "provider": "ge",
+                                         "rank_table_file": "rank_table.json"}
+        assert ini["ge_session_options"] == dict(lb.SESSION_OPTIONS)
+        shape = ini["ge_graph_options"]["ge.inputShape"].split(";")
+        assert [s.split(":")[0] for s in shape] == [t.name for t in sig.inputs]
+        gears = [g.split(",") for g in ini["ge_graph_options"]["ge.dynamicDims"].split(";")]
+        assert [set(map(int, g)) for g in gears] == [{b} for b in BUCKETS]
+        assert ini["ge_graph_options"]["ge.dynamicNodeType"] == "1"
+
+
+def test_ini_33b_tp4():
+    cfg = load_config(CONFIGS_DIR / "deepseek-coder-33b-instruct.config.json")
+    buckets = [512, 1024, 2048, 4096, 8192, 16384]
+    pre = graph_options(lb.lite_config(graph_signature("prefill", cfg, 4, "bfloat16"), buckets))
+    dec = graph_options(lb.lite_config(graph_signature("decode", cfg, 4, "bfloat16"), buckets))
+    assert pre["ge.inputShape"] == "input_ids:1,-1;valid_length:1"
+    assert pre["ge.dynamicDims"] == ";".join(map(str, buckets))
+    assert dec["ge.inputShape"] == ("input_ids:1;positions:1;key_cache:62,1,2,-1,128;"
+                                    "value_cache:62,1,2,-1,128")
+    assert dec["ge.dynamicDims"] == ";".join(f"{b},{b}" for b in buckets)
+
+
+def test_batch_gears_and_limit():
+    sig = graph_signature("decode", CFG, 1, "float16")
+    assert lb.ge_input_shape(sig, [1, 4]) == ("input_ids:-1;positions:-1;key_cache:2,-1,2,-1,8;"
+                                              "value_cache:2,-1,2,-1,8")
+    dims = lb.ge_dynamic_dims(sig, [16, 32], [4, 1]).split(";")
+    assert dims == ["1,1,1,16,1,16", "1,1,1,32,1,32", "4,4,4,16,4,16", "4,4,4,32,4,32"]
+    assert lb.ge_dynamic_dims(graph_signature("prefill", CFG, 1, "float16"), [16], [1, 2]) \
+        == "1,16,1;2,16,2"
+    with pytest.raises(lb.LiteBuildError, match="at most 100"):
+        lb.gears(list(range(1, 12)), list(range(1, 11)))
+    with pytest.raises(lb.LiteBuildError, match="positive"):
+        lb.gears([0, 16])
+
+
+# ---- rank table ---------------------------------------------------------------------
+def test_rank_table_template_and_check(tmp_path):
+    table = lb.rank_table(4, [4, 5, 6, 7])
+    devs = table["server_list"][0]["device"]
+    assert [(d["device_id"], d["rank_id"]) for d in devs] == [("4", "0"), ("5", "1"),
+                                                              ("6", "2"), ("7", "3")]
+    assert table["status"] == "completed" and table["server_count"] == "1"
+    path = tmp_path / "rt.json"
+    path.write_text(json.dumps(table))
+    with pytest.raises(lb.LiteBuildError, match="hccn_tool"):
+        lb.check_rank_table(path, 1, 5)
+    path.write_text(json.dumps(lb.rank_table(4, [4, 5, 6, 7], [f"10.0.0.{i}" for i in range(4)])))
+    lb.check_rank_table(path, 1, 5)
+    with pytest.raises(lb.LiteBuildError, match="rank 1 is not on device 2"):
+        lb.check_rank_table(path, 1, 2)
+    with pytest.raises(lb.LiteBuildError, match="distinct"):
+        lb.rank_table(2, [0, 0])
+
+
+# ---- converter ----------------------------------------------------------------------
+def test_converter_on_path_converts_every_graph(tmp_path):
+    conv = fake_converter(tmp_path / "bin")
+    manifest, result = artifacts(tmp_path / "art", 2, env={"PATH": str(conv.parent)})
+    assert result["notice"].startswith("Fill in device_ip")  # converted; rank table to fill
+    assert not (tmp_path / "art" / lb.SCRIPT_NAME).exists()
+    for r in range(2):
+        for kind in ("prefill", "decode"):
+            entry = result["graphs"][f"rank{r}/{kind}"]
+            assert entry == {"stage": "lite", "lite_stem": f"rank{r}/{kind}_lite",
+                             "lite_file": f"rank{r}/{kind}_lite.mindir",
+                             "config": f"rank{r}/{kind}.ini"}
+            assert lb.model_file(manifest.root, manifest.graph(r, kind)).is_file()
+    calls = (conv.parent / "calls.log").read_text().splitlines()
+    assert len(calls) == 4 and all("--fmk=MINDIR" in c and "--optimize=ascend_oriented" in c
+                                   and "--saveType=MINDIR" in c and "--configFile=" in c
+                                   for c in calls)
+
+
+def test_converter_under_mslite_home_gets_its_libs(tmp_path):
+    home = tmp_path / "mindspore-lite-2.x-linux-aarch64"
+    conv = fake_converter(home / "tools/converter/converter")
+    (home / "tools/converter/lib").mkdir()
+    found = lb.find_converter({"PATH": "", "MSLITE_HOME": str(home)})
+    assert found.path == conv
+    assert found.env["LD_LIBRARY_PATH"].split(":")[0] == str(home / "tools/converter/lib")
+    assert lb.find_converter({"PATH": "", "MSLITE_HOME": str(tmp_path / "nowhere")}) is None
+    _, result = artifacts(tmp_path / "art", 1, env={"PATH": "", "MSLITE_HOME_PATH": str(home)})
+    assert {e["stage"] for e in result["graphs"].values()} == {"lite"}
+    log = (conv.parent / "calls.log").read_text()
+    assert log.count(f"LD={home / 'tools/converter/lib'}") == 2
+
+
+def test_failing_converter_reports_its_output(tmp_path):
+    conv = fake_converter(tmp_path / "bin", rc=2)
+    with pytest.raises(lb.LiteBuildError, match="exit 2.*\n.*CONVERT RESULT FAILED"):
+        artifacts(tmp_path / "art", 1, env={"PATH": str(conv.parent)})
+
+
+def test_no_converter_writes_a_script_that_works(tmp_path):
+    manifest, result = artifacts(tmp_path / "art", 2)
+    assert "converter_lite not found" in result["notice"]
+    assert all(e["stage"] == "mindir" for e in result["graphs"].values())
+    entry = manifest.graph(1, "decode")
+    assert lb.model_file(manifest.root, entry) == manifest.root / "rank1/decode.mindir"
+    script = manifest.root / lb.SCRIPT_NAME
+    assert os.access(script, os.X_OK)
+    assert script.read_text().count("--optimize=ascend_oriented") == 4
+    conv = fake_converter(tmp_path / "bin")
+    env = {**os.environ, "PATH": f"{conv.parent}:{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert lb.model_file(manifest.root, entry) == manifest.root / "rank1/decode_lite.mindir"
+    bad = subprocess.run(["bash", str(script)], env={**env, "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and "converter_lite not found" in bad.stderr
+
+
+def test_lite_stage_refuses_missing_buckets_and_altered_signatures(tmp_path):
+    with pytest.raises(lb.LiteBuildError, match="--buckets"):
+        lb.lite_stage(tmp_path, {**manifest_data(1), "buckets": None}, env={"PATH": ""})
+    data = manifest_data(1)
+    data["graphs"][0]["inputs"][0]["name"] = "tokens"
+    with pytest.raises(lb.LiteBuildError, match="differ from graph_signature"):
+        lb.lite_stage(tmp_path, data, env={"PATH": ""})
+
+
+# ---- the backend against the fake ---------------------------------------------------
+def make_kernel(tp: int):
+    """Prefill writes token ids as cache values; decode writes ids[b] at positions[b] and
+    returns in logits[b, 0] the sum of its cache, so a wrong ping-pong shows up."""
+    return lambda path, arrays: kernel(path, arrays, CFG.num_kv_heads // tp, 64 // tp)
+
+
+def kernel(model_path: str, arrays: list, heads: int, vocab: int) -> list:
+    hd, layers = CFG.head_dim, CFG.num_layers
+    if "prefill" in Path(model_path).name:
+        ids, lengths = arrays
+        b, s = ids.shape
+        key = np.broadcast_to(ids[None, :, None, :, None], (layers, b, heads, s, hd))
+        logits = np.zeros((b, vocab), np.float32)
+        logits[np.arange(b), 0] = ids[np.arange(b), lengths - 1]
+        return [logits, key.astype(np.float16), (-key).astype(np.float16)]
+    ids, pos, key, value = arrays
+    key = key.copy()
+    for b in range(len(ids)):
+        key[:, b, :, pos[b], :] = ids[b]
+    logits = np.zeros((len(ids), vocab), np.float32)
+    logits[:, 0] = key[0, :, 0, :, 0].sum(axis=1)
+    return [logits, key, -key]
+
+
+@pytest.fixture()
+def fake_lite(monkeypatch):
+    """A freshly imported fake mindspore_lite (so import-time state is per test)."""
+    monkeypatch.syspath_prepend(str(FAKES))
+    monkeypatch.delitem(sys.modules, "mindspore_lite", raising=False)
+    monkeypatch.delenv("HCCL_NPU_SOCKET_PORT_RANGE", raising=False)
+    yield lambda: sys.modules["mindspore_lite"]
+    sys.modules.pop("mindspore_lite", None)
+
+
+class Turns:
+    """Records the build-turn calls through `record(name, rank)`."""
+
+    def __init__(self, record):
+        self.record = record
+
+    def wait(self, rank):
+        self.record("turn_wait", rank)
+
+    def done(self, rank):
+        self.record("turn_done", rank)
+
+
+def filled_table(manifest: Manifest, devices) -> None:
+    ips = [f"10.0.0.{d}" for d in devices]
+    (manifest.root / "rank_table.json").write_text(
+        json.dumps(lb.rank_table(manifest.tp, devices, ips)))
+
+
+def test_backend_call_sequence_and_ping_pong(tmp_path, fake_lite):
+    from dsflow.runtime.backend_lite import LiteBackend
+    manifest, _ = artifacts(tmp_path, 2, batch_sizes=[1, 2])
+    filled_table(manifest, [4, 5])
+
+    def record(*event):  # into the fake's own log, to check the order against its calls
+        sys.modules["mindspore_lite"].CALLS.append(event)
+    backend = LiteBackend(manifest, 1, 5, barrier=lambda: record("barrier"),
+                          turns=Turns(record))
+    fake = fake_lite()
+    fake.KERNEL = make_kernel(2)
+    assert fake.IMPORT_ENV["HCCL_NPU_SOCKET_PORT_RANGE"] == "21500-21600"
+    calls = fake.CALLS
+    kinds = [c[0] for c in calls if c[0] != "tensor"]
+    assert kinds == ["group", "add_model", "turn_wait", "build", "build", "turn_done",
+                     "barrier"]
+    assert calls[0][1] == fake.ModelGroupFlag.SHARE_WEIGHT
+    builds = [c for c in calls if c[0] == "build"]
+    assert [Path(b[2]).name for b in builds] == ["prefill.mindir", "decode.mindir"]
+    assert [Path(b[4]).name for b in builds] == ["prefill.ini", "decode.ini"]
+    assert builds[0][5] == {"ascend_context": {"rank_table_file":
+                                               str((tmp_path / "rank_table.json").resolve())}}
+    assert builds[0][6] == {"target": ["ascend"], "device_id": 5, "rank_id": 1,
+                            "provider": "ge", "precision_mode": "enforce_origin"}
+    n_before = len(calls)
+
+    # coordinator side: shapes from the same buckets; prompts of length 3 and 5
+    seq, kv_len = plan_shapes(5, 20, 64, manifest.buckets)
+    assert (seq, kv_len) == (16, 32)
+    ids = np.zeros((2, seq), np.int32)
+    ids[0, :3], ids[1, :5] = [1, 2, 3], [4, 5, 6, 7, 8]
+    logits = backend.prefill(ids, np.array([3, 5], np.int32), kv_len)
+    assert logits.shape == (2, 32) and logits.dtype == np.float32
+    assert list(logits[:, 0]) == [3, 8]
+    sums = [6.0, 30.0]
+    step_io = []
+    for step, (tok, pos) in enumerate([([10, 20], [3, 5]), ([11, 21], [4, 6]), ([12, 22], [5, 7])]):
+        out = backend.decode(np.array(tok, np.int32), np.array(pos, np.int32))
+        sums = [s + t for s, t in zip(sums, tok)]
+        assert list(out[:, 0]) == sums, f"step {step}: cache lost a write (ping-pong)"
+        step_io.append([c for c in calls[n_before:] if c[0] == "predict"][-1])
+    (_, _, _, in0, out0), (_, _, _, in1, out1), (_, _, _, in2, _) = step_io
+    assert in0[2:] == out1[1:] and out0[1:] == in1[2:] and in2[2:] == in0[2:]
+    resizes = [c for c in calls[n_before:] if c[0] == "resize"]
+    assert resizes == [("resize", builds[0][1], [[2, 16], [2]]),
+                       ("resize", builds[1][1], [[2], [2], [2, 2, 1, 32, 8], [2, 2, 1, 32, 8]])]
+    kv = [c for c in calls[n_before:] if c[0] == "tensor" and c[4] == "ascend:5"]
+    assert len(kv) == 7  # ids, positions, logits, 2 x (key, value): allocated once
+    backend.release()
+    with pytest.raises(RuntimeError, match="decode before prefill"):
+        backend.decode(np.array([1, 2], np.int32), np.array([0, 0], np.int32))
+
+    def new_calls(since):
+        return [c for c in calls[since:] if c[0] == "resize" or (c[0] == "tensor" and c[4])]
+    mark = len(calls)  # the same shapes again: no resize, no new device tensors
+    backend.prefill(ids, np.array([3, 5], np.int32), kv_len)
+    backend.decode(np.array([1, 2], np.int32), np.array([3, 5], np.int32))
+    assert new_calls(mark) == []
+    mark = len(calls)  # a longer cache gear: one new buffer set, decode resized once
+    backend.prefill(ids, np.array([3, 5], np.int32), 64)
+    backend.decode(np.array([1, 2], np.int32), np.array([3, 5], np.int32))
+    assert [c[0] for c in new_calls(mark)] == ["tensor"] * 7 + ["resize"]
+
+
+def test_backend_refuses_off_gear_shapes_and_pads_batch(tmp_path, fake_lite):
+    from dsflow.runtime.backend_lite import LiteBackend, LiteBackendError
+    manifest, _ = artifacts(tmp_path, 1, batch_sizes=[1, 4])
+    backend = LiteBackend(manifest, 0, 0)
+    fake_lite().KERNEL = make_kernel(1)
+    with pytest.raises(LiteBackendError, match="prompt length 20 is not a GE gear"):
+        backend.prefill(np.zeros((1, 20), np.int32), np.array([3], np.int32), 32)
+    with pytest.raises(LiteBackendError, match="batch of 5 exceeds the largest batch gear 4"):
+        backend.prefill(np.zeros((5, 16), np.int32), np.array([3] * 5, np.int32), 32)
+    out = backend.prefill(np.ones((3, 16), np.int32), np.array([2, 2, 2], np.int32), 16)
+    assert out.shape == (3, 64)
+    pred = [c for c in fake_lite().CALLS if c[0] == "predict"][-1]
+    assert pred[2] == [[4, 16], [4]]  # padded up to the batch gear
+    assert backend.decode(np.ones(3, np.int32), np.full(3, 2, np.int32)).shape == (3, 64)
+
+
+def test_backend_builds_in_rank_order(tmp_path, fake_lite):
+    from dsflow.runtime.backend_lite import FileTurns, LiteBackend
+    manifest, _ = artifacts(tmp_path / "art", 2)
+    filled_table(manifest, [0, 1])
+    import time
+    errors = []
+
+    def start(rank):
+        try:
+            turns = FileTurns(tmp_path, settle_s=0.0, sleep=time.sleep, poll_s=0.01)
+            LiteBackend(manifest, rank, rank, barrier=lambda: None, turns=turns)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+    t1 = threading.Thread(target=start, args=(1,))
+    t1.start()
+    time.sleep(0.1)  # rank 1 is up first, and must still wait for rank 0
+    start(0)
+    t1.join(5)
+    assert not errors
+    ranks = [c[6]["rank_id"] for c in fake_lite().CALLS if c[0] == "build"]
+    assert ranks == [0, 0, 1, 1]
+
+
+def test_file_turns_waits_settles_and_times_out(tmp_path):
+    from dsflow.runtime.backend_lite import FileTurns, LiteBackendError
+    slept = []
+    turns = FileTurns(tmp_path, settle_s=8.0, sleep=slept.append, poll_s=1.0)
+    turns.wait(0)
+    assert slept == []
+    turns.done(0)
+    turns.wait(1)
+    assert slept == [8.0]
+    with pytest.raises(LiteBackendError, match="rank 2 did not finish"):
+        FileTurns(tmp_path, timeout_s=3, sleep=lambda s: None).wait(3)
+
+
+def test_backend_refusals_before_any_build(tmp_path, fake_lite, monkeypatch):
+    from dsflow.runtime.backend_lite import LiteBackend, LiteBackendError
+    manifest, _ = artifacts(tmp_path / "a", 1, dtype="bfloat16")
+    with pytest.raises(LiteBackendError, match="no DataType for 'bfloat16'.*float16"):
+        LiteBackend(manifest, 0, 0)
+    manifest, _ = artifacts(tmp_path / "b", 2)  # rank table still holds placeholders
+    with pytest.raises(Exception, match="hccn_tool"):
+        LiteBackend(manifest, 0, 0, turns=Turns(lambda *e: None))
+    assert not [c for c in fake_lite().CALLS if c[0] == "build"]
+    manifest, _ = artifacts(tmp_path / "c", 1)
+    del manifest.data["graphs"][0]["config"]  # a CPU build has no Lite entries
+    with pytest.raises(LiteBackendError, match="--target ascend"):
+        LiteBackend(manifest, 0, 0)
+    monkeypatch.setenv("HCCL_NPU_SOCKET_PORT_RANGE", "30000-30100")  # a user's choice is kept
+    importlib.import_module("dsflow.runtime.backend_lite").import_mindspore_lite()
+    assert os.environ["HCCL_NPU_SOCKET_PORT_RANGE"] == "30000-30100"
+
+
+def test_missing_mindspore_lite_is_a_clear_error(tmp_path, monkeypatch):
+    from dsflow.runtime.backend_lite import LiteBackend, LiteUnavailableError
+    monkeypatch.setitem(sys.modules, "mindspore_lite", None)  # import fails
+    manifest, _ = artifacts(tmp_path, 1)
+    with pytest.raises(LiteUnavailableError) as e:
+        LiteBackend(manifest, 0, 0)
+    message = str(e.value)
+    assert "mindspore_lite" in message and "pip install" in message
+    assert "--device cpu" in message and "CANN" in message
