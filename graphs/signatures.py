@@ -59,7 +59,8 @@ def cache_shape(cfg: ModelConfig, tp: int, kv_len: Dim = KV_LEN) -> tuple[Dim, .
 
 
 def graph_signature(kind: str, cfg: ModelConfig, tp: int, dtype: str) -> GraphSignature:
-    """The signature of one rank's graph. `dtype` is the cache/logits dtype."""
+    """The signature of one rank's graph. `dtype` is the KV-cache dtype
+    (graphs.kernels.cache_dtype(target, weight dtype)); logits are always fp32."""
     logits = TensorSpec("logits", (BATCH, padded_vocab(cfg, tp) // tp), "float32")
     if kind == "prefill":
         inputs = (TensorSpec("input_ids", (BATCH, SEQ), "int32"),

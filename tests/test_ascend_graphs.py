@@ -1,0 +1,263 @@
+"""Ascend graphs vs portable graphs, checked by reading the exported MindIR.
+
+The Ascend graphs cannot run here (no CPU kernels for the fused operators), so this
+checks what can be checked on CPU: both targets export end to end from the one model
+definition; the Ascend graphs hold the fused operators with the intended arguments and
+no decomposed attention; the CPU graphs hold no Ascend-only operator; both have the
+same signatures and parameters; tp > 1 graphs all-reduce over hccl_world_group. Also
+the inspector itself: artifacts + manifest, `dsexport inspect`, split (>1 GB) exports.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import TINY
+from dsflow.export.cli_inspect import inspect as inspect_cmd
+from dsflow.export.inspect_mindir import inspect_artifacts, inspect_graph, op_arguments
+from dsflow.export.manifest import write_manifest
+from dsflow.graphs.config import config_from_hf_dict
+from dsflow.graphs.kernels import TARGET_DTYPES, TargetError, cache_dtype
+from dsflow.graphs.layers import WORLD_GROUP
+from dsflow.graphs.signatures import GRAPH_KINDS, graph_signature
+from dsflow.graphs.tp_plan import weight_specs
+
+# DeepSeek-Coder's shape at toy size (conftest.TINY: GQA, rope theta/scaling), with
+# head_dim 16 (the fused attention ops need bf16 head_dim aligned to 16), an odd
+# vocabulary (exercises lm_head padding at tp=2) and a small one (fast exports).
+CFG = config_from_hf_dict({**TINY, "architectures": ["LlamaForCausalLM"], "hidden_size": 128,
+                           "intermediate_size": 256, "vocab_size": 1001})
+TPS = (1, 2)
+
+FUSED_PREFILL = {"PromptFlashAttention": CFG.num_layers,
+                 "RmsNorm": 2 * CFG.num_layers + 1,
+                 "RotaryPositionEmbedding": 2 * CFG.num_layers}
+FUSED_DECODE = {"IncreFlashAttention": CFG.num_layers,
+                "KVCacheScatterUpdate": 2 * CFG.num_layers,
+                "RmsNorm": 2 * CFG.num_layers + 1,
+                "RotaryPositionEmbedding": 2 * CFG.num_layers}
+# The portable chains the fused ops replace: none may remain in an Ascend graph.
+DECOMPOSED = {"Softmax", "BatchMatMul", "ReduceMax", "Exp", "Select", "Rsqrt", "Square",
+              "ReduceMean", "Neg", "TensorScatterUpdate", "Unstack"}
+ASCEND_ONLY = {"PromptFlashAttention", "IncreFlashAttention", "FlashAttentionScore",
+               "FusedInferAttentionScore", "PagedAttention", "ReshapeAndCache",
+               "KVCacheScatterUpdate", "RmsNorm", "RotaryPositionEmbedding",
+               "ApplyRotaryPosEmb", "Swiglu"}
+INPUT_LAYOUT_BNSD = 1  # MindIR stores input_layout as an enum int (BSH 0, BNSD 1, ...)
+SCATTER_REDUCE_UPDATE = 3
+
+
+def export_rank(root: Path, target: str, tp: int, rank: int) -> dict[str, Path]:
+    """What export/build.py does per rank, with seeded random weights instead of a
+    checkpoint: RankModel(cfg, tp, dtype, target) + export_graph per graph kind."""
+    from dsflow.export.mindir import export_graph
+    from dsflow.graphs.model import RankModel
+    dtype = TARGET_DTYPES[target]
+    net = RankModel(CFG, tp, dtype, target=target)
+    rng = np.random.default_rng(rank)
+    net.load((s.name, rng.standard_normal(s.rank_shape(tp), dtype=np.float32) * 0.02)
+             for s in weight_specs(CFG))
+    out = root / f"rank{rank}"
+    out.mkdir(parents=True)
+    return {kind: export_graph(net, graph_signature(kind, CFG, tp, cache_dtype(target, dtype)),
+                               out / kind)
+            for kind in GRAPH_KINDS}
+
+
+def write_artifacts(root: Path, target: str, tp: int, files: dict[int, dict]) -> Path:
+    """A minimal manifest over already exported graphs (what build.py writes last)."""
+    dtype = TARGET_DTYPES[target]
+    graphs = [{"rank": rank, "kind": kind, "file": path.relative_to(root).as_posix(),
+               **graph_signature(kind, CFG, tp, cache_dtype(target, dtype)).to_dict()}
+              for rank, by_kind in files.items() for kind, path in by_kind.items()]
+    write_manifest(root, {"target": target, "dtype": dtype, "tp": tp,
+                          "model": CFG.to_dict(), "graphs": graphs})
+    return root
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(target, tp) -> artifacts dir: every rank of tp 1 and 2, both targets."""
+    import mindspore as ms
+    ms.set_context(mode=ms.GRAPH_MODE)
+    ms.set_device("CPU")
+    arts = {}
+    for target in TARGET_DTYPES:
+        for tp in TPS:
+            root = tmp_path_factory.mktemp(f"{target}-tp{tp}")
+            ranks = range(tp) if target == "ascend" else range(1)
+            arts[target, tp] = write_artifacts(
+                root, target, tp, {r: export_rank(root, target, tp, r) for r in ranks})
+    return arts
+
+
+@pytest.fixture(scope="module")
+def graphs(exported):
+    """(target, tp, kind) -> inspect dict of rank 0, with the parameter list."""
+    out = {}
+    for (target, tp), root in exported.items():
+        for g in inspect_artifacts(root, rank=0, tensors=True):
+            out[target, tp, g["graph"]] = g
+    return out
+
+
+@pytest.mark.parametrize("tp", TPS)
+@pytest.mark.parametrize("kind", GRAPH_KINDS)
+def test_ascend_graphs_hold_the_fused_ops_and_no_decomposed_attention(graphs, tp, kind):
+    ops = graphs["ascend", tp, kind]["ops"]
+    expected = FUSED_PREFILL if kind == "prefill" else FUSED_DECODE
+    assert {op: ops.get(op, 0) for op in expected} == expected
+    assert not DECOMPOSED & set(ops), f"decomposed ops left: {DECOMPOSED & set(ops)}"
+
+
+@pytest.mark.parametrize("tp", TPS)
+def test_fused_op_arguments(exported, tp):
+    """Heads per rank, 1/sqrt(head_dim), BNSD, GQA, causal band, write axis, rope mode."""
+    heads, kv_heads = CFG.num_heads // tp, CFG.num_kv_heads // tp
+    scale = pytest.approx(1 / math.sqrt(CFG.head_dim))
+    rank0 = exported["ascend", tp] / "rank0"
+    # PromptFlashAttention: num_heads, scale, pre_tokens, next_tokens, layout, kv heads,
+    # sparse_mode, inner_precise (the last 8 constant inputs, constructor order)
+    for args in op_arguments(rank0 / "prefill.mindir", "PromptFlashAttention"):
+        assert args[-8:] == [heads, scale, 2**31 - 1, 0, INPUT_LAYOUT_BNSD, kv_heads, 0, 1]
+    # IncreFlashAttention: num_heads, layout, scale, kv heads, block_size, inner_precise
+    for args in op_arguments(rank0 / "decode.mindir", "IncreFlashAttention"):
+        assert args[-6:] == [heads, INPUT_LAYOUT_BNSD, scale, kv_heads, 0, 1]
+    for args in op_arguments(rank0 / "decode.mindir", "KVCacheScatterUpdate"):
+        assert args == [-2, SCATTER_REDUCE_UPDATE]
+    for kind in GRAPH_KINDS:
+        assert {tuple(a) for a in op_arguments(rank0 / f"{kind}.mindir",
+                                               "RotaryPositionEmbedding")} == {(0,)}
+
+
+@pytest.mark.parametrize("tp", TPS)
+@pytest.mark.parametrize("kind", GRAPH_KINDS)
+def test_cpu_graphs_hold_no_ascend_only_op(graphs, tp, kind):
+    assert not ASCEND_ONLY & set(graphs["cpu", tp, kind]["ops"])
+
+
+def _as_dtype(tensors: list[dict], dtype: str) -> list[dict]:
+    """The tensors with every model-dtype (float32) entry relabelled as `dtype`; logits
+    are float32 on every target."""
+    return [{**t, "dtype": dtype if t["dtype"] == "float32" and t["name"] != "logits"
+             else t["dtype"]} for t in tensors]
+
+
+@pytest.mark.parametrize("tp", TPS)
+@pytest.mark.parametrize("kind", GRAPH_KINDS)
+def test_both_targets_have_the_same_signature_and_parameters(graphs, tp, kind):
+    """Identical names and shapes; the only dtype differences are the weights (cpu
+    float32, ascend bfloat16) and the KV caches (ascend float16, which Lite can
+    allocate; graphs/kernels.py). Logits stay float32."""
+    cpu, asc = graphs["cpu", tp, kind], graphs["ascend", tp, kind]
+    for target, g in (("cpu", cpu), ("ascend", asc)):
+        sig = graph_signature(kind, CFG, tp, cache_dtype(target, TARGET_DTYPES[target])).to_dict()
+        for side in ("inputs", "outputs"):
+            assert g[side] == [{"name": t["name"], "dtype": t["dtype"],
+                                "shape": [d if isinstance(d, int) else -1 for d in t["shape"]]}
+                               for t in sig[side]]
+    assert asc["outputs"][0]["dtype"] == "float32"
+    for side in ("inputs", "outputs"):
+        assert _as_dtype(cpu[side], "float16") == asc[side]
+    expect = {s.name: list(s.rank_shape(tp)) for s in weight_specs(CFG)}
+    expect["lm_head.weight"][0] = math.ceil(CFG.vocab_size / tp)
+    for g in (cpu, asc):
+        assert {t["name"]: t["shape"] for t in g["parameters"]["tensors"]} == expect
+    assert _as_dtype(cpu["parameters"]["tensors"], "bfloat16") == asc["parameters"]["tensors"]
+    assert asc["parameters"]["bytes"] * 2 == cpu["parameters"]["bytes"]
+
+
+@pytest.mark.parametrize("target", list(TARGET_DTYPES))
+@pytest.mark.parametrize("kind", GRAPH_KINDS)
+def test_allreduce_over_the_world_group_only_at_tp2(graphs, target, kind):
+    two, one = graphs[target, 2, kind], graphs[target, 1, kind]
+    assert two["ops"]["AllReduce"] == 2 * CFG.num_layers  # after o_proj and down_proj
+    assert two["comm_groups"] == [WORLD_GROUP] == ["hccl_world_group"]
+    assert "AllReduce" not in one["ops"] and one["comm_groups"] == []
+
+
+def test_ascend_target_refuses_fp32_and_unknown_targets():
+    from dsflow.graphs.model import RankModel
+    with pytest.raises(TargetError, match="bfloat16 or float16"):
+        RankModel(CFG, 1, "float32", target="ascend")
+    with pytest.raises(TargetError, match="unknown"):
+        RankModel(CFG, 1, "float32", target="gpu")
+
+
+def test_inspect_artifacts_reads_the_manifest(exported):
+    graphs = inspect_artifacts(exported["ascend", 2])
+    assert [(g["rank"], g["graph"], g["target"]) for g in graphs] == [
+        (0, "prefill", "ascend"), (0, "decode", "ascend"),
+        (1, "prefill", "ascend"), (1, "decode", "ascend")]
+    assert [t["name"] for t in graphs[1]["outputs"]] == ["logits", "key_cache", "value_cache"]
+    assert "tensors" not in graphs[0]["parameters"]
+    assert [g["rank"] for g in inspect_artifacts(exported["ascend", 2], rank=1)] == [1, 1]
+
+
+def test_dsexport_inspect_json_lines_and_table(exported):
+    art = exported["ascend", 2]
+    result = CliRunner().invoke(inspect_cmd, [str(art), "--json", "--rank", "1"])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.output.splitlines()]
+    assert [(g["rank"], g["graph"]) for g in lines] == [(1, "prefill"), (1, "decode")]
+    assert set(lines[0]) >= {"rank", "graph", "target", "inputs", "outputs", "ops",
+                             "parameters", "comm_groups"}
+    assert set(lines[0]["parameters"]) >= {"count", "bytes"}
+    table = CliRunner().invoke(inspect_cmd, [str(art)]).output
+    assert "rank 1 decode (ascend)" in table and "IncreFlashAttention 2" in table
+    assert "key_cache      float16   [2, ?, 2, ?, 16]" in table
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{missing}"], "no such artifacts directory"),
+    (["{art}", "--rank", "5"], "no graphs for rank 5"),
+])
+def test_dsexport_inspect_errors_are_one_line(exported, tmp_path, args, message):
+    fill = {"missing": tmp_path / "nope", "art": exported["cpu", 1]}
+    result = CliRunner().invoke(inspect_cmd, [a.format(**fill) for a in args])
+    assert result.exit_code == 2
+    assert result.output.startswith("dsexport: error: ") and message in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_inspect_a_file_that_is_not_mindir(tmp_path):
+    from dsflow.export.inspect_mindir import InspectError
+    bad = tmp_path / "decode.mindir"
+    bad.write_bytes(b"\xff\xfe not protobuf \x00\x01")
+    with pytest.raises(InspectError, match="not a MindIR file"):
+        inspect_graph(bad)
+
+
+def test_split_export_is_inspected_from_its_variables(exported, tmp_path, monkeypatch):
+    """Over 1 GB MindSpore writes <stem>_graph.mindir + <stem>_variables/data_0; the
+    threshold (serialization.TOTAL_SAVE, in KiB) is lowered to force that format."""
+    from mindspore.train import serialization
+    if not hasattr(serialization, "TOTAL_SAVE"):
+        pytest.skip("this MindSpore has no TOTAL_SAVE threshold to lower")
+    monkeypatch.setattr(serialization, "TOTAL_SAVE", 1)
+    split = export_rank(tmp_path, "cpu", 1, 0)["decode"]
+    assert split.name == "decode_graph.mindir"
+    whole = inspect_graph(exported["cpu", 1] / "rank0" / "decode.mindir", tensors=True)
+    parts = inspect_graph(split, tensors=True)
+    assert parts["parameters"]["external_files"] == ["decode_variables/data_0"]
+    data = split.parent / "decode_variables" / "data_0"
+    assert parts["parameters"]["bytes"] == whole["parameters"]["bytes"] <= data.stat().st_size
+    for key in ("inputs", "outputs", "ops"):
+        assert parts[key] == whole[key]
+    assert parts["parameters"]["tensors"] == whole["parameters"]["tensors"]
+
+
+def test_bf16_weights_arrive_as_bit_patterns_and_load_exactly():
+    """export/shard.py delivers bf16 as uint16 bit patterns (numpy has no bf16)."""
+    import mindspore as ms
+    from dsflow.export.dtypes import bf16_to_f32, f32_to_bf16
+    from dsflow.graphs.model import to_tensor
+    bits = f32_to_bf16(np.array([1.0, -0.5, 3.14159, 1e-3], np.float32))
+    t = to_tensor(bits, ms.bfloat16)
+    assert t.dtype == ms.bfloat16
+    np.testing.assert_array_equal(t.asnumpy().astype(np.float32), bf16_to_f32(bits))
