@@ -322,7 +322,8 @@ def lite_stage(art_dir: Path, manifest_data: dict, buckets: Optional[Sequence[in
     """
     art_dir = Path(art_dir)
     cfg = ModelConfig.from_dict(manifest_data["model"])
-    tp, dtype = int(manifest_data["tp"]), manifest_data["dtype"]
+    tp = int(manifest_data["tp"])
+    dtype = manifest_data["kv_cache"]["dtype"]  # the signatures carry the cache dtype
     buckets = _positive_sorted(buckets or manifest_data.get("buckets") or [], "--buckets")
     gears(buckets, batch_sizes)  # validate the gear count early
     table = None

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 from ..graphs.config import ModelConfig
 from ..graphs.errors import DsflowError
-from ..graphs.signatures import CACHE_LAYOUT
+from ..graphs.signatures import CACHE_LAYOUT, GraphSignature, graph_signature
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "dsflow-artifacts"
@@ -69,6 +69,14 @@ class Manifest:
         return self.data["target"]
 
     @property
+    def cache_dtype(self) -> str:
+        """KV-cache dtype at the graph boundary (may differ from the weights' dtype)."""
+        return self.data["kv_cache"]["dtype"]
+
+    def signature(self, kind: str) -> GraphSignature:
+        return graph_signature(kind, self.config, self.tp, self.cache_dtype)
+
+    @property
     def max_seq_len(self) -> int:
         return int(self.data["kv_cache"]["max_seq_len"])
 
@@ -103,6 +111,7 @@ class Manifest:
 
 
 def kv_cache_section(cfg: ModelConfig, tp: int, dtype: str, max_seq_len: int) -> dict:
+    """`dtype` is the cache's own dtype (graphs.kernels.cache_dtype)."""
     return {"layout": list(CACHE_LAYOUT), "dtype": dtype, "max_seq_len": max_seq_len,
             "layers": cfg.num_layers, "kv_heads_per_rank": cfg.num_kv_heads // tp,
             "head_dim": cfg.head_dim,

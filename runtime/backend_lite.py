@@ -43,8 +43,9 @@ examples/base_models/qwen3_8b/infer_qwen3_8b_mslite_tp.py, infer_qwen3_8b_mslite
 dtype: the documented `mindspore_lite.DataType` has FLOAT16/FLOAT32/INT32 but no
 BFLOAT16 (tensor.py at mindspore-lite HEAD; the C++ binding knows kNumberTypeBFloat16
 but hands its bits to numpy as float16), so a bf16 cache cannot be allocated on the
-device through the Python API. A bf16 manifest is refused with that explanation
-unless the installed mindspore_lite exposes DataType.BFLOAT16. Logits are float32 and
+device through the Python API. The Ascend graphs therefore keep bf16 weights but an
+fp16 KV cache (graphs/kernels.py ASCEND_CACHE_DTYPE); a bf16 cache is still refused
+with that explanation unless the installed mindspore_lite exposes DataType.BFLOAT16. Logits are float32 and
 token ids int32 per the signatures.
 """
 from __future__ import annotations
@@ -60,7 +61,7 @@ import numpy as np
 from ..export.lite_build import check_rank_table, model_file
 from ..export.manifest import Manifest
 from ..graphs.errors import DsflowError
-from ..graphs.signatures import BATCH, KV_LEN, SEQ, GraphSignature, graph_signature
+from ..graphs.signatures import BATCH, KV_LEN, SEQ, GraphSignature
 from .kv_cache import extend_cache
 
 PORT_RANGE_ENV = "HCCL_NPU_SOCKET_PORT_RANGE"
@@ -217,11 +218,10 @@ class LiteBackend:
         if not self.buckets:
             raise LiteBackendError(f"{manifest.root}: no shape buckets recorded; Ascend "
                                    "artifacts are built with --buckets")
-        self.sigs = {k: graph_signature(k, manifest.config, manifest.tp, manifest.dtype)
-                     for k in ("prefill", "decode")}
+        self.sigs = {k: manifest.signature(k) for k in ("prefill", "decode")}
         self._check_io()
-        self.kv_dtype = lite_dtype(ms, manifest.dtype)
-        self._np_kv = NP_DTYPES.get(manifest.dtype)
+        self.kv_dtype = lite_dtype(ms, manifest.cache_dtype)
+        self._np_kv = NP_DTYPES.get(manifest.cache_dtype)
         config_dict = self._rank_table_dict(manifest, rank, int(device_id), rank_table)
         self.prefill_model, self.decode_model = ms.Model(), ms.Model()
         self.group = ms.ModelGroup(ms.ModelGroupFlag.SHARE_WEIGHT)

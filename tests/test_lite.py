@@ -36,7 +36,7 @@ def manifest_data(tp: int, dtype: str = "float16", buckets=BUCKETS) -> dict:
                **graph_signature(k, CFG, tp, dtype).to_dict()}
               for r in range(tp) for k in ("prefill", "decode")]
     return {"model": CFG.to_dict(), "tp": tp, "dtype": dtype, "buckets": buckets,
-            "kv_cache": {"max_seq_len": 64}, "graphs": graphs}
+            "kv_cache": {"max_seq_len": 64, "dtype": dtype}, "graphs": graphs}
 
 
 def artifacts(root: Path, tp: int, dtype: str = "float16", env=None, **kw) -> tuple[Manifest, dict]:
