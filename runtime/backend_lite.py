@@ -139,6 +139,11 @@ class BuildTurns(Protocol):
     def done(self, rank: int) -> None: ...
 
 
+# Seconds a rank waits after the previous rank built (the Qwen3 example's 8 s); the
+# tests set it to 0 through this variable.
+STAGGER_ENV = "DSFLOW_LITE_BUILD_STAGGER_S"
+
+
 class FileTurns:
     """Build in rank order: rank r starts once rank r-1 left its marker, plus `settle_s`.
 
@@ -226,7 +231,9 @@ class LiteBackend:
         self.prefill_model, self.decode_model = ms.Model(), ms.Model()
         self.group = ms.ModelGroup(ms.ModelGroupFlag.SHARE_WEIGHT)
         self.group.add_model([self.prefill_model, self.decode_model])
-        turns = turns or (FileTurns(Path.cwd()) if manifest.tp > 1 else None)
+        settle = float(os.environ.get(STAGGER_ENV, SETTLE_S))
+        turns = turns or (FileTurns(Path.cwd(), settle_s=settle, poll_s=min(1.0, settle or 0.05))
+                          if manifest.tp > 1 else None)
         if turns:
             turns.wait(rank)
         self._build(manifest, self._context(rank, int(device_id)), config_dict)

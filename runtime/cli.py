@@ -43,6 +43,16 @@ class _OrderedPrinter:
                 click.echo(self.buffers[self.current], nl=False)
 
 
+def _parse_devices(text: Optional[str]) -> Optional[list[int]]:
+    if text is None:
+        return None
+    try:
+        return [int(d) for d in text.split(",") if d.strip()]
+    except ValueError:
+        raise DsflowError(f"--devices {text!r}: expected comma-separated card ids, "
+                          "e.g. 0,1,2,3") from None
+
+
 def _fail(message: str, code: int = 2) -> None:
     click.echo(f"dsrun: error: {message}", err=True)
     sys.exit(code)
@@ -72,12 +82,17 @@ def _fail(message: str, code: int = 2) -> None:
                    "instead of streaming text.")
 @click.option("--verify", is_flag=True,
               help="Check the sha256 of every artifact against the manifest before loading.")
+@click.option("--device", type=click.Choice(["cpu", "ascend"]), default=None,
+              help="Where the ranks run. Default: the target the artifacts were built for.")
+@click.option("--devices", default=None,
+              help="Ascend card of each rank, comma-separated (e.g. 0,1,2,3). Default 0..tp-1.")
 @click.option("-q", "--quiet", is_flag=True, help="No timing summary on standard error.")
 @click.option("-v", "--verbose", is_flag=True,
               help="Show MindSpore's log lines and the workers' output.")
 def main(artifacts: Path, prompts: tuple[str, ...], max_new_tokens: int, temperature: float,
          top_k: int, top_p: float, seed: Optional[int], stops: tuple[str, ...], chat: bool,
-         as_json: bool, verify: bool, quiet: bool, verbose: bool) -> None:
+         as_json: bool, verify: bool, device: Optional[str], devices: Optional[str],
+         quiet: bool, verbose: bool) -> None:
     """Generate text from a DeepSeek-Coder model exported by `dsexport build`.
 
     \b
@@ -98,7 +113,8 @@ def main(artifacts: Path, prompts: tuple[str, ...], max_new_tokens: int, tempera
     engine = None
     try:
         params.check()
-        engine = Engine(artifacts, verbose=verbose, verify=verify)
+        engine = Engine(artifacts, verbose=verbose, verify=verify, device=device,
+                        device_ids=_parse_devices(devices))
         results = _run(engine, list(prompts), params, chat, as_json)
     except DsflowError as e:
         _fail(str(e))

@@ -1,8 +1,10 @@
 """Starting, driving and stopping the rank worker processes.
 
-tp = 1: one worker, no MindSpore cluster. tp > 1: MindSpore's own cluster runtime on
-127.0.0.1: one scheduler process (MS_ROLE=MS_SCHED) and one worker per rank
-(MS_ROLE=MS_WORKER, MS_NODE_ID=rank), on a free port picked here. Every child runs
+tp = 1: one worker, no MindSpore cluster. tp > 1 on CPU: MindSpore's own cluster
+runtime on 127.0.0.1: one scheduler process (MS_ROLE=MS_SCHED) and one worker per rank
+(MS_ROLE=MS_WORKER, MS_NODE_ID=rank), on a free port picked here. On Ascend the
+workers run MindSpore Lite, whose collectives come from HCCL and the rank table, so
+no MindSpore cluster is started; rank r drives device `device_ids[r]`. Every child runs
 in its own session, so a Ctrl-C in the terminal reaches only the coordinator, which
 then shuts the children down in order; children also exit if the coordinator dies.
 
@@ -53,9 +55,13 @@ class Cluster:
     """tp worker processes (plus a scheduler) answering `request`s in lockstep."""
 
     def __init__(self, artifacts: Path, tp: int, verbose: bool = False,
-                 threads_per_rank: Optional[int] = None):
+                 threads_per_rank: Optional[int] = None, device: str = "cpu",
+                 device_ids: Optional[list[int]] = None):
         self.artifacts = Path(artifacts).resolve()
         self.tp = tp
+        self.device = device
+        self.device_ids = list(device_ids) if device_ids is not None else list(range(tp))
+        self.ms_cluster = device == "cpu" and tp > 1
         self.verbose = verbose
         self.threads = threads_per_rank or max(1, (os.cpu_count() or 1) // tp)
         self.run_dir = Path(tempfile.mkdtemp(prefix="dsflow-run-"))
@@ -76,7 +82,7 @@ class Cluster:
         env.setdefault("OMP_NUM_THREADS", str(self.threads))
         env.setdefault(THREADS_ENV, str(self.threads))
         env["PYTHONUNBUFFERED"] = "1"
-        if self.tp > 1:
+        if self.ms_cluster:
             env.update(MS_ROLE=role, MS_SCHED_HOST="127.0.0.1", MS_SCHED_PORT=str(sched_port),
                        MS_WORKER_NUM=str(self.tp))
             if role == "MS_WORKER":
@@ -104,14 +110,15 @@ class Cluster:
         return self
 
     def _start(self) -> None:
-        port = free_port() if self.tp > 1 else 0
+        port = free_port() if self.ms_cluster else 0
         address = "%s:%d" % self._listener.address
-        if self.tp > 1:
+        if self.ms_cluster:
             self._spawn("scheduler", self._env("MS_SCHED", 0, port), [])
         for rank in range(self.tp):
             self._spawn(f"rank{rank}", self._env("MS_WORKER", rank, port),
                         ["--artifacts", str(self.artifacts), "--rank", str(rank),
-                         "--connect", address])
+                         "--connect", address, "--device", self.device,
+                         "--device-id", str(self.device_ids[rank])])
         accepted: list[Connection] = []
         acceptor = threading.Thread(target=self._accept_all, args=(accepted,), daemon=True)
         acceptor.start()

@@ -117,13 +117,38 @@ class _SequenceState:
         return out
 
 
+def check_device(manifest: Manifest, device: Optional[str],
+                 device_ids: Optional[Sequence[int]]) -> str:
+    """The device to run on; refuses graphs that cannot run there, before any worker starts."""
+    target = manifest.target
+    device = device or target
+    if device not in ("cpu", "ascend"):
+        raise DsflowError(f"--device {device}: unknown (choose cpu or ascend)")
+    if device != target:
+        why = ("their fused Ascend operators have no CPU kernels" if target == "ascend"
+               else "Ascend runs the Lite models built with --target ascend")
+        raise DsflowError(f"{manifest.root} was built with --target {target}; it cannot run "
+                          f"on --device {device} ({why}); rebuild with --target {device}")
+    if device_ids is not None:
+        if device == "cpu":
+            raise DsflowError("--devices applies to --device ascend only")
+        if len(device_ids) != manifest.tp or len(set(device_ids)) != len(device_ids):
+            raise DsflowError(f"--devices needs {manifest.tp} distinct card ids (one per "
+                              f"rank, tp={manifest.tp}), got {list(device_ids)}")
+    return device
+
+
 class Engine:
     """Artifacts loaded into tp worker processes, ready to generate."""
 
     def __init__(self, artifacts: Union[str, Path] = "dsflow-artifacts", verbose: bool = False,
-                 verify: bool = False):
+                 verify: bool = False, device: Optional[str] = None,
+                 device_ids: Optional[Sequence[int]] = None):
+        """device: "cpu" or "ascend" (default: what the artifacts were built for);
+        device_ids: the card of each rank on Ascend (default 0..tp-1)."""
         self.manifest: Manifest = read_manifest(artifacts)
         self.manifest.verify(None if verify else [])
+        self.device = check_device(self.manifest, device, device_ids)
         cfg = self.manifest.config
         self.tokenizer = Tokenizer(self.manifest.tokenizer_dir(),
                                    extra_eos_ids=[cfg.eos_token_id] if cfg.eos_token_id is not None
@@ -133,7 +158,8 @@ class Engine:
         self.pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id < cfg.vocab_size else 0
         self._lock = threading.Lock()
         t0 = time.perf_counter()
-        self.cluster = Cluster(self.manifest.root, self.manifest.tp, verbose=verbose).start()
+        self.cluster = Cluster(self.manifest.root, self.manifest.tp, verbose=verbose,
+                               device=self.device, device_ids=device_ids).start()
         self.startup_s = time.perf_counter() - t0
 
     # ---- prompts --------------------------------------------------------------

@@ -69,17 +69,25 @@ def _serve(conn, backend) -> None:
             raise ValueError(f"unknown op {op!r}")
 
 
+def make_backend(manifest, rank: int, device: str, device_id: int):
+    """The only place the device matters: MindSpore GraphCell on CPU, or Lite on Ascend."""
+    if device == "ascend":
+        from .backend_lite import LiteBackend
+        return LiteBackend(manifest, rank, device_id)
+    from .backend_mindspore import MindSporeBackend, init_mindspore
+    init_mindspore(manifest.tp)
+    return MindSporeBackend(manifest, rank)
+
+
 def run_worker(args: argparse.Namespace) -> int:
     from ..export.manifest import read_manifest
-    from .backend_mindspore import MindSporeBackend, init_mindspore
 
     host, port = args.connect.rsplit(":", 1)
     conn = Client((host, int(port)), authkey=bytes.fromhex(os.environ[AUTHKEY_ENV]))
     try:
         t0 = time.perf_counter()
         manifest = read_manifest(args.artifacts)
-        init_mindspore(manifest.tp)
-        backend = MindSporeBackend(manifest, args.rank)
+        backend = make_backend(manifest, args.rank, args.device, args.device_id)
         conn.send(("ready", {"rank": args.rank, "pid": os.getpid(),
                              "load_s": time.perf_counter() - t0, **_memory()}))
         _serve(conn, backend)
@@ -108,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=0)
     p.add_argument("--connect")
     p.add_argument("--parent-pid", type=int, default=os.getppid())
+    p.add_argument("--device", choices=["cpu", "ascend"], default="cpu")
+    p.add_argument("--device-id", type=int, default=0)
     args = p.parse_args(argv)
     _watch_parent(args.parent_pid)
     if os.environ.get("MS_ROLE") == "MS_SCHED":

@@ -21,6 +21,10 @@ IMPORT_ENV = {k: os.environ.get(k) for k in ("HCCL_NPU_SOCKET_PORT_RANGE",)}
 CALLS: list[tuple] = []
 KERNEL = None  # set by the test: (model_path, [np.ndarray]) -> [np.ndarray]
 _ids = itertools.count()
+if os.environ.get("DSFLOW_FAKE_LITE_KERNEL"):  # "module:function", for worker processes
+    import importlib
+    _mod, _fn = os.environ["DSFLOW_FAKE_LITE_KERNEL"].split(":")
+    KERNEL = getattr(importlib.import_module(_mod), _fn)
 
 
 class DataType(Enum):

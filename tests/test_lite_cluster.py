@@ -1,0 +1,104 @@
+"""The Ascend path through real worker processes: `--device ascend` with the fake
+mindspore_lite (tests/fakes) standing in for the cards and a deterministic kernel
+standing in for the graphs. Proves the coordinator, the worker protocol, the cluster
+wiring, bucketed shapes and the Lite backend's cache hand-over together; nothing of
+real Lite or Ascend runs here."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import TOKENIZER_DIR, require_shared
+from dsflow.export import lite_build as lb
+from dsflow.export.manifest import write_manifest
+from dsflow.graphs.config import config_from_hf_dict
+from dsflow.graphs.signatures import graph_signature
+from dsflow.runtime.engine import Engine
+from dsflow.runtime.sampling import SamplingParams
+
+FAKES = Path(__file__).resolve().parent / "fakes"
+CFG = config_from_hf_dict({
+    "architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 32,
+    "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "max_position_embeddings": 64, "head_dim": 8})
+BUCKETS = [16, 32, 64]
+
+
+def ascend_artifacts(root: Path, tp: int) -> Path:
+    """Artifacts as `dsexport build --target ascend` lays them out (placeholder MindIR
+    files: the fake runtime never parses them), with Lite configs from lite_stage."""
+    require_shared()
+    graphs = []
+    for rank in range(tp):
+        for kind in ("prefill", "decode"):
+            f = root / f"rank{rank}" / f"{kind}.mindir"
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_bytes(b"placeholder")
+            graphs.append({"rank": rank, "kind": kind, "file": f.relative_to(root).as_posix(),
+                           **graph_signature(kind, CFG, tp, "float16").to_dict()})
+    (root / "tokenizer").mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(TOKENIZER_DIR / name, root / "tokenizer" / name)
+    data = {"target": "ascend", "dtype": "bfloat16", "tp": tp, "model": CFG.to_dict(),
+            "buckets": BUCKETS, "kv_cache": {"dtype": "float16", "max_seq_len": 64},
+            "graphs": graphs}
+    result = lb.lite_stage(root, data, batch_sizes=(1, 2), env={"PATH": ""})
+    lb.apply_lite_entries(graphs, result)
+    data["lite"] = result["section"]
+    if tp > 1:  # fill the rank-table template as a user would on the host
+        table = json.loads((root / "rank_table.json").read_text())
+        for dev in table["server_list"][0]["device"]:
+            dev["device_ip"] = f"10.0.0.{dev['device_id']}"  # never contacted: fake Lite
+        (root / "rank_table.json").write_text(json.dumps(table))
+    write_manifest(root, data)
+    return root
+
+
+def expected_tokens(prompt: list[int], n: int) -> list[int]:
+    from fakes.token_sum_kernel import next_token
+    seq, out = list(prompt), []
+    for _ in range(n):
+        out.append(next_token(sum(seq)))
+        seq.append(out[-1])
+    return out
+
+
+@pytest.fixture
+def fake_lite_env(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", f"{FAKES}:{FAKES.parent}")
+    monkeypatch.setenv("DSFLOW_FAKE_LITE_KERNEL", "token_sum_kernel:kernel")
+    monkeypatch.setenv("DSFLOW_LITE_BUILD_STAGGER_S", "0")
+    monkeypatch.syspath_prepend(str(FAKES.parent))
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_ascend_device_generates_through_worker_processes(tmp_path, fake_lite_env,
+                                                          monkeypatch, tp):
+    monkeypatch.setenv("DSFLOW_FAKE_TP", str(tp))
+    art = ascend_artifacts(tmp_path / "art", tp)
+    prompts = [[3, 4, 5], [7] * 20]  # buckets 16 and 32 for the prompt
+    with Engine(art, device="ascend", device_ids=list(range(tp))) as engine:
+        results = engine.generate(prompts, SamplingParams(max_new_tokens=9, ignore_eos=True))
+    for p, r in zip(prompts, results):
+        assert r.token_ids == expected_tokens(p, 9)
+
+
+def test_cpu_artifacts_refused_on_ascend_and_vice_versa(tmp_path, export_tiny):
+    with pytest.raises(Exception, match="--target cpu; it cannot run on --device ascend"):
+        Engine(export_tiny(1), device="ascend")
+    art = ascend_artifacts(tmp_path / "art", 1)
+    with pytest.raises(Exception, match="fused Ascend operators have no CPU kernels"):
+        Engine(art, device="cpu")
+    with pytest.raises(Exception, match="--devices needs 2 distinct"):
+        Engine(ascend_artifacts(tmp_path / "art2", 2), device="ascend", device_ids=[0, 0])
+
+
+def test_devices_that_contradict_the_rank_table_are_reported(tmp_path, fake_lite_env,
+                                                            monkeypatch):
+    monkeypatch.setenv("DSFLOW_FAKE_TP", "2")
+    art = ascend_artifacts(tmp_path / "art", 2)
+    with pytest.raises(Exception, match=r"rank_table.json: rank \d is not on device \d"):
+        Engine(art, device="ascend", device_ids=[1, 0])
