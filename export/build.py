@@ -4,6 +4,12 @@ Everything is written into a temporary sibling of the output directory and renam
 into place only when complete, so an interrupted or failed build never leaves a
 directory that looks finished; a previous build at the same place stays intact
 until the new one is ready.
+
+Weights reach each rank's graph through per-rank shards (export/rank_shards.py): the
+model may already be a `dsexport shard` output (used as is), or any checkpoint
+export/checkpoint.py reads, which is sharded first, into `BuildOptions.shards_dir`
+(kept, and reused by the next build) or else into a scratch directory inside the
+staging directory that is deleted before the manifest is written.
 """
 from __future__ import annotations
 
@@ -17,13 +23,21 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+from ..graphs.config import ModelConfig
+from ..graphs.kernels import TARGET_DTYPES, cache_dtype, check_target
 from ..graphs.signatures import GRAPH_KINDS, graph_signature
 from ..graphs.tp_plan import check_tp, weight_specs
 from .checkpoint import Checkpoint
+from .dtypes import convert
 from .errors import ExportError
 from .manifest import MANIFEST_NAME, kv_cache_section, write_manifest
+from .rank_shards import (ShardsIndex, check_shards, is_shards_dir, read_index, read_rank,
+                          write_shards)
 
-TARGET_DTYPES = {"cpu": "float32"}
+# Prompt/cache length gears for Ascend (GE compiles one per bucket, lazily); CPU graphs
+# take any length unless buckets are asked for.
+DEFAULT_ASCEND_BUCKETS = (512, 1024, 2048, 4096, 8192, 16384)
+SCRATCH_SHARDS = ".shards"  # inside the staging directory; removed before the manifest
 
 
 def dsflow_version() -> str:
@@ -35,12 +49,37 @@ def dsflow_version() -> str:
 
 @dataclass
 class BuildOptions:
+    # a checkpoint (HF safetensors or .bin directory, MindSpore .ckpt file or
+    # directory) or a `dsexport shard` output directory
     model_dir: Path
     out: Path
     tp: int = 1
     target: str = "cpu"
     dtype: Optional[str] = None
     max_seq_len: Optional[int] = None
+    # where to write (or reuse) the rank shards of a checkpoint; None: a scratch dir
+    shards_dir: Optional[Path] = None
+    # config.json or MindFormers yaml, when the checkpoint has neither beside it
+    config: Optional[Path] = None
+    # prompt/cache length buckets (default: DEFAULT_ASCEND_BUCKETS on Ascend, none on CPU)
+    buckets: Optional[list[int]] = None
+    # Ascend: batch-size gears and the card of each rank (for the rank table)
+    batch_sizes: tuple[int, ...] = (1,)
+    device_ids: Optional[list[int]] = None
+
+
+def resolve_buckets(opts: BuildOptions, max_seq: int) -> Optional[list[int]]:
+    """The bucket list to build for: validated, sorted, never beyond max_seq_len."""
+    if opts.buckets is None:
+        if opts.target != "ascend":
+            return None
+        return [b for b in DEFAULT_ASCEND_BUCKETS if b < max_seq] + [max_seq]
+    buckets = sorted(set(opts.buckets))
+    if not buckets or buckets[0] < 1:
+        raise ExportError(f"--buckets {opts.buckets}: lengths must be positive")
+    if buckets[-1] > max_seq:
+        raise ExportError(f"--buckets: {buckets[-1]} exceeds --max-seq-len {max_seq}")
+    return buckets
 
 
 # progress(event, rank, kind, done, total): "tensor" per weight loaded, "graph" per export
@@ -80,18 +119,24 @@ def staging_dir(out: Path) -> Iterator[Path]:
         raise
 
 
-def _export_rank(ckpt: Checkpoint, opts: BuildOptions, dtype: str, rank: int, root: Path,
+def _rank_weights(shards: ShardsIndex, rank: int, dtype: str) -> Iterator:
+    """(name, array in `dtype`) of `rank` from the shards, for `RankModel.load` (which
+    takes bf16 as uint16 bit patterns, as the shards store it)."""
+    for name, arr in read_rank(shards, rank):
+        yield name, convert(arr, shards.dtype, dtype)
+
+
+def _export_rank(shards: ShardsIndex, opts: BuildOptions, dtype: str, rank: int, root: Path,
                  progress: Progress) -> list[dict]:
     from ..graphs.model import RankModel
     from .mindir import export_graph
-    from .shard import rank_tensors
 
-    cfg = ckpt.config
-    net = RankModel(cfg, opts.tp, dtype)
+    cfg = shards.config
+    net = RankModel(cfg, opts.tp, dtype, target=opts.target)
     total = len(weight_specs(cfg))
 
     def counted():
-        for i, item in enumerate(rank_tensors(ckpt, opts.tp, rank, dtype), 1):
+        for i, item in enumerate(_rank_weights(shards, rank, dtype), 1):
             yield item
             progress("tensor", rank, "weights", i, total)
 
@@ -100,7 +145,7 @@ def _export_rank(ckpt: Checkpoint, opts: BuildOptions, dtype: str, rank: int, ro
     rank_dir.mkdir()
     graphs = []
     for i, kind in enumerate(GRAPH_KINDS, 1):
-        sig = graph_signature(kind, cfg, opts.tp, dtype)
+        sig = graph_signature(kind, cfg, opts.tp, cache_dtype(opts.target, dtype))
         path = export_graph(net, sig, rank_dir / kind)
         graphs.append({"rank": rank, "kind": kind, "file": path.relative_to(root).as_posix(),
                        **sig.to_dict()})
@@ -108,31 +153,88 @@ def _export_rank(ckpt: Checkpoint, opts: BuildOptions, dtype: str, rank: int, ro
     return graphs
 
 
-def build(opts: BuildOptions, progress: Progress = _no_progress) -> Path:
-    """Run the whole export; returns the finished artifacts directory."""
+@dataclass
+class _Source:
+    """What a build needs from its input before MindSpore is imported."""
+
+    config: ModelConfig
+    tokenizer_files: list[Path]
+    shards: Optional[ShardsIndex] = None  # already sharded input
+    ckpt: Optional[Checkpoint] = None     # to be sharded into the staging directory
+
+
+def _open_source(opts: BuildOptions) -> _Source:
+    """Validate the input (shards or checkpoint) fully before any output exists."""
+    if is_shards_dir(opts.model_dir):
+        shards = read_index(opts.model_dir)
+        check_shards(shards, opts.tp)
+        return _Source(shards.config, shards.tokenizer_files(), shards=shards)
+    ckpt = Checkpoint(opts.model_dir, opts.config)
+    try:
+        check_tp(ckpt.config, opts.tp)
+        ckpt.validate()
+        return _Source(ckpt.config, ckpt.tokenizer_files(), ckpt=ckpt)
+    except BaseException:
+        ckpt.close()
+        raise
+
+
+def _shards_for(source: _Source, opts: BuildOptions, dtype: str, root: Path) -> ShardsIndex:
+    if source.shards is not None:
+        return source.shards
+    return write_shards(source.ckpt, opts.shards_dir or root / SCRATCH_SHARDS, opts.tp, dtype)
+
+
+def _graph_mode_on_cpu(ms) -> None:
+    ms.set_context(mode=ms.GRAPH_MODE)
+    try:
+        ms.set_device("CPU")
+    except RuntimeError:  # the device is fixed once MindSpore has run: it is CPU here
+        pass
+
+
+def _lite_stage(root: Path, data: dict, opts: BuildOptions,
+                notice: Callable[[str], None]) -> None:
+    """Lite configs, rank table, and conversion (or the script for the Ascend host)."""
+    from .lite_build import apply_lite_entries, lite_stage
+    result = lite_stage(root, data, buckets=data["buckets"], batch_sizes=opts.batch_sizes,
+                        device_ids=opts.device_ids, shown_as=str(opts.out))
+    apply_lite_entries(data["graphs"], result)
+    data["lite"] = result["section"]
+    if result.get("notice"):
+        notice(result["notice"])
+
+
+def build(opts: BuildOptions, progress: Progress = _no_progress,
+          notice: Callable[[str], None] = _no_progress) -> Path:
+    """Run the whole export; returns the finished artifacts directory.
+
+    `notice(text)` receives messages for the user (e.g. that converter_lite was not
+    found and which script to run on the Ascend host)."""
     if opts.target not in TARGET_DTYPES:
         raise ExportError(f"--target {opts.target}: unknown (choose from "
                           f"{', '.join(TARGET_DTYPES)})")
     dtype = opts.dtype or TARGET_DTYPES[opts.target]
-    with Checkpoint(opts.model_dir) as ckpt:
-        cfg = ckpt.config
-        check_tp(cfg, opts.tp)
+    check_target(opts.target, dtype)
+    source = _open_source(opts)
+    try:
+        cfg = source.config
         max_seq = opts.max_seq_len or cfg.max_position_embeddings
         if max_seq < 2:
             raise ExportError(f"--max-seq-len {max_seq}: must be at least 2")
-        ckpt.validate()
-        tok_files = ckpt.tokenizer_files()
+        buckets = resolve_buckets(opts, max_seq)
         import mindspore as ms  # heavy: only once the inputs are known to be good
-        ms.set_context(mode=ms.GRAPH_MODE)
-        ms.set_device("CPU")
+        _graph_mode_on_cpu(ms)
         with staging_dir(opts.out) as root:
+            shards = _shards_for(source, opts, dtype, root)
             (root / "tokenizer").mkdir()
-            for f in tok_files:
+            for f in source.tokenizer_files:
                 shutil.copyfile(f, root / "tokenizer" / f.name)
             graphs = []
             for rank in range(opts.tp):
-                graphs += _export_rank(ckpt, opts, dtype, rank, root, progress)
-            write_manifest(root, {
+                graphs += _export_rank(shards, opts, dtype, rank, root, progress)
+            shutil.rmtree(root / SCRATCH_SHARDS, ignore_errors=True)
+            data = {
                 "dsflow_version": dsflow_version(),
                 "mindspore_version": ms.__version__,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -143,7 +245,15 @@ def build(opts: BuildOptions, progress: Progress = _no_progress) -> Path:
                 "model": cfg.to_dict(),
                 "tp_plan": [{"name": s.name, "shape": list(s.shape), "split": s.split.value,
                              "axis": s.axis} for s in weight_specs(cfg)],
-                "kv_cache": kv_cache_section(cfg, opts.tp, dtype, max_seq),
+                "kv_cache": kv_cache_section(cfg, opts.tp, cache_dtype(opts.target, dtype),
+                                             max_seq),
+                "buckets": buckets,
                 "graphs": graphs,
-            })
+            }
+            if opts.target == "ascend":
+                _lite_stage(root, data, opts, notice)
+            write_manifest(root, data)
+    finally:
+        if source.ckpt is not None:
+            source.ckpt.close()
     return opts.out.resolve()

@@ -9,6 +9,7 @@ from typing import Optional
 import click
 
 from ..graphs.errors import DsflowError
+from ..graphs.kernels import TARGETS
 
 DEFAULT_OUT = "dsflow-artifacts"
 
@@ -42,6 +43,19 @@ class _BuildProgress:
             self.bar = None
 
 
+def int_list(text: Optional[str], option: str) -> Optional[list[int]]:
+    """'512,1024' -> [512, 1024]; a clear error naming the option otherwise."""
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise DsflowError(f"{option} {text!r}: expected comma-separated integers") from None
+    if not values or min(values) < 0:
+        raise DsflowError(f"{option} {text!r}: expected comma-separated positive integers")
+    return values
+
+
 def _fail(message: str) -> None:
     click.echo(f"dsexport: error: {message}", err=True)
     sys.exit(2)
@@ -60,23 +74,41 @@ def main() -> None:
 
 @main.command()
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
-              help="HuggingFace checkpoint directory (config.json, *.safetensors, tokenizer "
-                   "files). Default: a small random-weight model of the DeepSeek-Coder "
-                   "architecture that dsflow generates itself, for trying the flow.")
+              help="A HuggingFace directory (config.json, *.safetensors or pytorch_model*.bin, "
+                   "tokenizer files), a MindFormers .ckpt (file or directory), or a "
+                   "`dsexport shard` output. Default: a small random-weight model of the "
+                   "DeepSeek-Coder architecture that dsflow generates itself.")
 @click.option("--tp", type=int, default=1, show_default=True,
               help="Tensor-parallel degree: ranks (worker processes / cards). Must divide "
                    "the attention heads, KV heads and MLP size (33B: 1, 2, 4 or 8).")
 @click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_OUT, show_default=True,
               help="Artifacts directory to write (replaced atomically when the build succeeds).")
-@click.option("--target", type=click.Choice(["cpu"]), default="cpu", show_default=True,
-              help="cpu: portable fp32 graphs run by MindSpore.")
+@click.option("--target", type=click.Choice(list(TARGETS)), default="cpu", show_default=True,
+              help="cpu: portable fp32 graphs run by MindSpore here. ascend: fused Ascend "
+                   "operators, bf16 weights, MindSpore Lite configs (and conversion where "
+                   "converter_lite is found); runs only on Ascend (docs/ASCEND.md).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Weight dtype. Default: float32 for cpu, bfloat16 for ascend.")
+@click.option("--buckets", default=None,
+              help="Comma-separated prompt/cache length buckets; a prompt is padded to the "
+                   "smallest that holds it. Default for ascend: 512,1024,2048,4096,8192,"
+                   "16384 (capped by --max-seq-len); none for cpu (any length).")
+@click.option("--batch-sizes", default="1", show_default=True,
+              help="ascend: comma-separated batch sizes to build gears for.")
+@click.option("--devices", default=None,
+              help="ascend: card of each rank for the rank table, e.g. 0,1,2,3 "
+                   "(default 0..tp-1).")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
+              help="config.json or MindFormers predict yaml, when the checkpoint has none.")
 @click.option("--max-seq-len", type=int, default=None,
               help="Longest prompt + generation the artifacts accept (KV cache limit). "
                    "Default: the model's max_position_embeddings.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @click.option("-v", "--verbose", is_flag=True, help="Show MindSpore's own log lines.")
-def build(model_dir: Optional[Path], tp: int, out: Path, target: str,
-          max_seq_len: Optional[int], quiet: bool, verbose: bool) -> None:
+def build(model_dir: Optional[Path], tp: int, out: Path, target: str, dtype: Optional[str],
+          buckets: Optional[str], batch_sizes: str, devices: Optional[str],
+          config_path: Optional[Path], max_seq_len: Optional[int], quiet: bool,
+          verbose: bool) -> None:
     """Shard a checkpoint by rank and export each rank's prefill and decode graphs.
 
     Writes OUT/manifest.json (model config, tp plan, graph signatures, KV-cache layout,
@@ -95,12 +127,27 @@ def build(model_dir: Optional[Path], tp: int, out: Path, target: str,
             from .default_model import ensure_default_model
             model_dir = ensure_default_model(log=None if quiet else
                                              lambda m: click.echo(m, err=True))
-        result = run_build(BuildOptions(model_dir=model_dir, out=out, tp=tp, target=target,
-                                        max_seq_len=max_seq_len),
-                           progress=_BuildProgress(tp, quiet))
+        result = run_build(
+            BuildOptions(model_dir=model_dir, out=out, tp=tp, target=target, dtype=dtype,
+                         max_seq_len=max_seq_len, config=config_path,
+                         buckets=int_list(buckets, "--buckets"),
+                         batch_sizes=tuple(int_list(batch_sizes, "--batch-sizes") or (1,)),
+                         device_ids=int_list(devices, "--devices")),
+            progress=_BuildProgress(tp, quiet), notice=lambda m: click.echo(m, err=True))
     except DsflowError as e:
         _fail(str(e))
     except KeyboardInterrupt:
         _fail("interrupted; nothing was written")
     if not quiet:
         click.echo(f"artifacts written to {result}", err=True)
+
+
+def _register() -> None:
+    """Subcommands that live in their own modules."""
+    from .cli_inspect import inspect
+    from .cli_weights import merge, plan, shard
+    for command in (shard, merge, plan, inspect):
+        main.add_command(command)
+
+
+_register()

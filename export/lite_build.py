@@ -313,14 +313,17 @@ def lite_stage(art_dir: Path, manifest_data: dict, buckets: Optional[Sequence[in
                batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
                device_ids: Optional[Sequence[int]] = None,
                env: Optional[Mapping[str, str]] = None,
-               run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> dict:
+               run: Callable[..., subprocess.CompletedProcess] = subprocess.run,
+               shown_as: Optional[str] = None) -> dict:
     """Write inis (+ rank table), convert or script it; return what the manifest records.
 
     Returns {"section": {...} for manifest["lite"], "graphs": {"rank<R>/<kind>":
     {"stage", "lite_file", "lite_stem", "config"}}, "notice": str or None}.
-    All paths are relative to `art_dir`.
+    All paths are relative to `art_dir`; the notice names the directory `shown_as`
+    (default: art_dir's name; a build passes its final --out, not the staging dir).
     """
     art_dir = Path(art_dir)
+    shown = shown_as or art_dir.name
     cfg = ModelConfig.from_dict(manifest_data["model"])
     tp = int(manifest_data["tp"])
     dtype = manifest_data["kv_cache"]["dtype"]  # the signatures carry the cache dtype
@@ -352,10 +355,10 @@ def lite_stage(art_dir: Path, manifest_data: dict, buckets: Optional[Sequence[in
         _write(art_dir / script, convert_script(jobs), 0o755)
         notice = (f"converter_lite not found (PATH, $MSLITE_HOME): the graphs stay MindSpore "
                   f"MindIR, which mindspore_lite can load directly. To convert them, run "
-                  f"{art_dir.name}/{script} on the Ascend host.")
+                  f"{shown}/{script} on the Ascend host.")
     if table:
         notice = ((notice + " ") if notice else "") + (
-            f"Fill in device_ip in {art_dir.name}/{table} (`hccn_tool -i <device> -ip -g`) "
+            f"Fill in device_ip in {shown}/{table} (`hccn_tool -i <device> -ip -g`) "
             "or delete those fields.")
     section = {"buckets": buckets, "batch_sizes": _positive_sorted(batch_sizes, "batch sizes"),
                "rank_table": table, "script": script}

@@ -30,33 +30,24 @@ field is refused (encrypted or foreign files fail there, with a clear error).
 from __future__ import annotations
 
 import binascii
-import mmap
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
+from .atomic import AtomicFile, as_bytes
 from .errors import CheckpointError, ExportError
+from .mapped_file import STORAGE_DTYPES, MappedFile, check_nbytes, itemsize, nbytes
 
-# MindSpore tensor_type -> (numpy storage dtype, our dtype name)
+# MindSpore tensor_type -> our dtype name
 MS_DTYPES = {
-    "Float32": (np.float32, "float32"),
-    "Float16": (np.float16, "float16"),
-    "BFloat16": (np.uint16, "bfloat16"),
-    "Float64": (np.float64, "float64"),
-    "Int64": (np.int64, "int64"),
-    "Int32": (np.int32, "int32"),
-    "Int16": (np.int16, "int16"),
-    "Int8": (np.int8, "int8"),
-    "UInt64": (np.uint64, "uint64"),
-    "UInt32": (np.uint32, "uint32"),
-    "UInt16": (np.uint16, "uint16"),
-    "UInt8": (np.uint8, "uint8"),
-    "Bool": (np.bool_, "bool"),
+    "Float32": "float32", "Float16": "float16", "BFloat16": "bfloat16",
+    "Float64": "float64", "Int64": "int64", "Int32": "int32", "Int16": "int16",
+    "Int8": "int8", "UInt64": "uint64", "UInt32": "uint32", "UInt16": "uint16",
+    "UInt8": "uint8", "Bool": "bool",
 }
-MS_NAMES = {name: code for code, (_, name) in MS_DTYPES.items()}
+MS_NAMES = {name: code for code, name in MS_DTYPES.items()}
 CRC_TRAILER = b"crc_num"
 CRC_TRAILER_LEN = len(CRC_TRAILER) + 10
 # save_checkpoint's SLICE_SIZE (512 * 1024 KB): the piece size mindspore writes.
@@ -115,22 +106,15 @@ def _fields(buf, pos: int, end: int):
         pos += size
 
 
-class MindSporeCkptFile:
+class MindSporeCkptFile(MappedFile):
     """One .ckpt file: protobuf framing parsed and checked at open, tensors mapped."""
 
     def __init__(self, path: str | Path, check_crc: bool = False):
-        self.path = Path(path)
-        try:
-            self._fh = open(self.path, "rb")
-        except OSError as e:
-            raise CheckpointError(f"{self.path}: cannot open ({e.strerror})") from None
-        size = os.fstat(self._fh.fileno()).st_size
-        self._mm = (mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
-                    if size > 0 else None)
+        super().__init__(path)
         self.entries: dict[str, _Entry] = {}
         self.strings: dict[str, str] = {}
         try:
-            self._parse(self._strip_crc(size, check_crc))
+            self._parse(self._strip_crc(self.size, check_crc))
             for tag, e in self.entries.items():
                 self._check_entry(tag, e)
         except BaseException:
@@ -252,15 +236,11 @@ class MindSporeCkptFile:
             raise _Truncated(f"{what} is not UTF-8") from None
 
     def _check_entry(self, tag: str, e: _Entry) -> None:
-        itemsize = np.dtype(MS_DTYPES[e.tensor_type][0]).itemsize
         got = sum(n for _, n in e.chunks)
-        if e.dims == (0,) and got == itemsize:  # how mindspore marks a scalar
-            e.dims = ()
-        expected = int(np.prod(e.dims, dtype=np.int64)) * itemsize
-        if got != expected:
-            raise CheckpointError(f"{self.path}: tensor {tag!r}: {got} bytes of data but "
-                                  f"shape {list(e.dims)} {e.tensor_type} needs {expected} "
-                                  "(corrupt or truncated?)")
+        if e.dims == (0,) and got == itemsize(self.dtype(tag)):
+            e.dims = ()  # how mindspore marks a scalar
+        check_nbytes(f"{self.path}: tensor {tag!r}", got, e.dims, e.tensor_type,
+                     nbytes(e.dims, self.dtype(tag)))
 
     def names(self) -> list[str]:
         return list(self.entries)
@@ -269,33 +249,23 @@ class MindSporeCkptFile:
         return self.entries[name].dims
 
     def dtype(self, name: str) -> str:
-        return MS_DTYPES[self.entries[name].tensor_type][1]
+        return MS_DTYPES[self.entries[name].tensor_type]
+
+    def spans(self, name: str) -> list[tuple[int, int]]:
+        return list(self.entries[name].chunks)
 
     def array(self, name: str) -> np.ndarray:
         """A read-only view into the mapped file; a tensor mindspore split into pieces
         (over 512 MiB) is joined into a fresh array here."""
         e = self.entries[name]
-        np_dtype = MS_DTYPES[e.tensor_type][0]
         if len(e.chunks) == 1:
-            offset, n = e.chunks[0]
-            if n == 0:
-                return np.zeros(e.dims, np_dtype)
-            return np.frombuffer(self._mm, dtype=np_dtype, count=n // np.dtype(np_dtype).itemsize,
-                                 offset=offset).reshape(e.dims)
+            return self.view(e.chunks[0][0], self.dtype(name), e.dims)
         out = np.empty(sum(n for _, n in e.chunks), np.uint8)
         pos = 0
         for offset, n in e.chunks:
-            out[pos:pos + n] = np.frombuffer(self._mm, np.uint8, count=n, offset=offset)
+            out[pos:pos + n] = self.view(offset, "uint8", (n,))
             pos += n
-        return out.view(np_dtype).reshape(e.dims)
-
-    def close(self) -> None:
-        if self._mm is not None:
-            try:
-                self._mm.close()
-            except BufferError:  # a view is still alive; the map goes with it
-                pass
-        self._fh.close()
+        return out.view(STORAGE_DTYPES[self.dtype(name)]).reshape(e.dims)
 
 
 def _enc_varint(n: int) -> bytes:
@@ -315,14 +285,14 @@ def _len_field(num: int, payload_len: int) -> bytes:
     return _enc_varint(num << 3 | WIRE_LEN) + _enc_varint(payload_len)
 
 
-def _record_head(name: str, dims: tuple, ms_type: str, nbytes: int) -> bytes:
-    """Everything of one Checkpoint.value record up to the tensor bytes."""
+def _record_head(name: str, dims: tuple, ms_type: str, size: int) -> bytes:
+    """Everything of one Checkpoint.value record up to the tensor's `size` bytes."""
     tensor_head = b"".join(_enc_varint(1 << 3 | WIRE_VARINT) + _enc_varint(d) for d in dims)
     tensor_head += _len_field(2, len(ms_type)) + ms_type.encode()
-    tensor_head += _len_field(3, nbytes)
+    tensor_head += _len_field(3, size)
     tag = name.encode()
-    value = _len_field(1, len(tag)) + tag + _len_field(2, len(tensor_head) + nbytes)
-    value_len = len(value) + len(tensor_head) + nbytes
+    value = _len_field(1, len(tag)) + tag + _len_field(2, len(tensor_head) + size)
+    value_len = len(value) + len(tensor_head) + size
     return _len_field(1, value_len) + value + tensor_head
 
 
@@ -333,26 +303,25 @@ def write_mindspore_ckpt(path: str | Path, items: Iterable[tuple[str, np.ndarray
 
     Streams one tensor at a time (peak memory is one tensor) and, like save_checkpoint,
     splits a tensor into `chunk_bytes` pieces, so no protobuf field nears 2 GiB. Written
-    to a temporary name and renamed, so a crash never leaves a half file under `path`."""
+    to a temporary name and renamed (`atomic.AtomicFile`), so a crash never leaves a
+    half file under `path`."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     seen: set[str] = set()
-    with open(tmp, "wb") as f:
+    with AtomicFile(path) as f:
         for name, arr, dtype in items:
             if dtype not in MS_NAMES:
                 raise ExportError(f"{path}: tensor {name!r}: dtype {dtype!r} cannot be "
                                   f"written to a MindSpore checkpoint")
-            storage = MS_DTYPES[MS_NAMES[dtype]][0]
+            storage = STORAGE_DTYPES[dtype]
             if arr.dtype != storage:
                 raise ExportError(f"{path}: tensor {name!r} is {arr.dtype}, but {dtype} is "
                                   f"stored as {np.dtype(storage)}")
             if name in seen:
                 raise ExportError(f"{path}: tensor {name!r} given twice")
             seen.add(name)
-            data = memoryview(np.ascontiguousarray(arr)).cast("B")
+            data = as_bytes(arr)
             pieces = range(0, len(data), chunk_bytes) if len(data) else [0]
             for i in pieces:
                 piece = data[i:i + chunk_bytes]
                 f.write(_record_head(name, arr.shape, MS_NAMES[dtype], len(piece)))
                 f.write(piece)
-    os.replace(tmp, path)

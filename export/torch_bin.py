@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import collections
 import io
-import mmap
-import os
 import pickle
 import struct
 import zipfile
@@ -40,21 +38,21 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CheckpointError
+from .mapped_file import MappedFile, check_extent, itemsize
 
-# torch legacy storage class -> (numpy storage dtype, our dtype name)
-STORAGE_DTYPES = {
-    "FloatStorage": (np.float32, "float32"),
-    "HalfStorage": (np.float16, "float16"),
-    "BFloat16Storage": (np.uint16, "bfloat16"),
-    "DoubleStorage": (np.float64, "float64"),
-    "LongStorage": (np.int64, "int64"),
-    "IntStorage": (np.int32, "int32"),
-    "ShortStorage": (np.int16, "int16"),
-    "CharStorage": (np.int8, "int8"),
-    "ByteStorage": (np.uint8, "uint8"),
-    "BoolStorage": (np.bool_, "bool"),
+# torch legacy storage class -> our dtype name
+TORCH_STORAGES = {
+    "FloatStorage": "float32",
+    "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16",
+    "DoubleStorage": "float64",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
 }
-STORAGE_DTYPES_BY_NAME = {name: np_dtype for np_dtype, name in STORAGE_DTYPES.values()}
 ZIP_LOCAL_MAGIC = b"PK\x03\x04"
 # Pre-1.6 torch.save wrote a bare pickle stream starting with this protocol-2 long.
 LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
@@ -101,7 +99,7 @@ SAFE_GLOBALS = {
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    **{("torch", name): _StorageType(name) for name in STORAGE_DTYPES},
+    **{("torch", name): _StorageType(name) for name in TORCH_STORAGES},
 }
 
 
@@ -129,19 +127,14 @@ class _StateDictUnpickler(pickle.Unpickler):
         _, stype, key, location, numel = pid
         if not isinstance(numel, int) or numel < 0:
             raise CheckpointError(f"{self._path}: storage {key!r} has a bad size {numel!r}")
-        return _StorageRef(str(key), STORAGE_DTYPES[stype.name][1], numel, str(location))
+        return _StorageRef(str(key), TORCH_STORAGES[stype.name], numel, str(location))
 
 
-class TorchBinFile:
+class TorchBinFile(MappedFile):
     """One PyTorch zip checkpoint: pickle checked at open, tensors mapped on demand."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        try:
-            self._fh = open(self.path, "rb")
-        except OSError as e:
-            raise CheckpointError(f"{self.path}: cannot open ({e.strerror})") from None
-        self._mm: mmap.mmap | None = None
+        super().__init__(path)
         try:
             self._open()
         except BaseException:
@@ -149,7 +142,6 @@ class TorchBinFile:
             raise
 
     def _open(self) -> None:
-        size = os.fstat(self._fh.fileno()).st_size
         head = self._fh.read(len(LEGACY_MAGIC))
         if head == LEGACY_MAGIC:
             raise CheckpointError(f"{self.path}: legacy (pre-torch-1.6) serialization is "
@@ -161,16 +153,15 @@ class TorchBinFile:
         except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error) as e:
             raise CheckpointError(f"{self.path}: not a PyTorch zip checkpoint, or "
                                   f"truncated ({e})") from None
-        self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
         with zf:
             infos = {i.filename: i for i in zf.infolist()}
             prefix = self._prefix(infos)
             self._check_byteorder(zf, infos, prefix)
-            pkl = self._read_entry(infos[prefix + "data.pkl"], size)
-            self.entries = self._unpickle(bytes(pkl))
+            pkl = self._read_entry(infos[prefix + "data.pkl"], self.size)
+            self.entries = self._unpickle(pkl)
             self._offsets = {}  # storage key -> (data offset, nbytes)
             for name, t in self.entries.items():
-                self._locate(name, t, infos, prefix, size)
+                self._locate(name, t, infos, prefix, self.size)
 
     def _prefix(self, infos: dict) -> str:
         pkls = [n for n in infos if n.endswith("data.pkl") and n.count("/") == 1]
@@ -197,15 +188,13 @@ class TorchBinFile:
                                   f"{info.filename!r} is missing (corrupt or truncated)")
         n, m = struct.unpack("<HH", self._mm[h + 26:h + 30])
         start = h + 30 + n + m
-        if start + info.file_size > size:
-            raise CheckpointError(f"{self.path}: {what}: entry {info.filename!r} ends at "
-                                  f"byte {start + info.file_size} but the file has {size} "
-                                  "(truncated?)")
+        check_extent(f"{self.path}: {what}: zip entry {info.filename!r}",
+                     start + info.file_size, size)
         return start, info.file_size
 
-    def _read_entry(self, info: zipfile.ZipInfo, size: int) -> memoryview:
+    def _read_entry(self, info: zipfile.ZipInfo, size: int) -> bytes:
         start, n = self._data_span(info, size, "data.pkl")
-        return memoryview(self._mm)[start:start + n]
+        return self._mm[start:start + n]
 
     def _unpickle(self, data: bytes) -> dict:
         try:
@@ -237,7 +226,7 @@ class TorchBinFile:
                 raise CheckpointError(f"{where}: storage entry '{prefix}data/{s.key}' is "
                                       "missing from the zip")
             start, nbytes = self._data_span(info, size, f"tensor {name!r}")
-            need = s.numel * np.dtype(STORAGE_DTYPES_BY_NAME[s.dtype]).itemsize
+            need = s.numel * itemsize(s.dtype)
             if nbytes < need:
                 raise CheckpointError(f"{where}: storage {s.key!r} has {nbytes} bytes, "
                                       f"its {s.numel} {s.dtype} elements need {need}")
@@ -263,32 +252,27 @@ class TorchBinFile:
     def dtype(self, name: str) -> str:
         return self.entries[name].storage.dtype
 
+    def spans(self, name: str) -> list[tuple[int, int]] | None:
+        t = self.entries[name]
+        if 0 in t.size or t.stride != _contiguous_strides(t.size):
+            return None
+        start, _ = self._offsets[t.storage.key]
+        item = itemsize(t.storage.dtype)
+        return [(start + t.offset * item, int(np.prod(t.size, dtype=np.int64)) * item)]
+
     def array(self, name: str) -> np.ndarray:
         """A read-only view into the mapped file; a non-contiguous tensor (a transposed
         or strided view saved as is) is copied into a contiguous array here, on demand."""
         t = self.entries[name]
-        np_dtype = STORAGE_DTYPES_BY_NAME[t.storage.dtype]
-        if 0 in t.size:
-            return np.zeros(t.size, np_dtype)
-        start, _ = self._offsets[t.storage.key]
-        flat = np.frombuffer(self._mm, dtype=np_dtype, count=t.storage.numel, offset=start)
-        if t.stride == _contiguous_strides(t.size):
-            count = int(np.prod(t.size, dtype=np.int64))
-            return flat[t.offset:t.offset + count].reshape(t.size)
-        item = flat.itemsize
+        start, _ = self._offsets.get(t.storage.key, (0, 0))
+        if 0 in t.size or t.stride == _contiguous_strides(t.size):
+            return self.view(start + t.offset * itemsize(t.storage.dtype), t.storage.dtype,
+                             t.size)
+        flat = self.view(start, t.storage.dtype, (t.storage.numel,))
         view = np.lib.stride_tricks.as_strided(
-            flat[t.offset:], shape=t.size, strides=[s * item for s in t.stride],
+            flat[t.offset:], shape=t.size, strides=[s * flat.itemsize for s in t.stride],
             writeable=False)
         return np.ascontiguousarray(view)
-
-    def close(self) -> None:
-        if self._mm is not None:
-            try:
-                self._mm.close()
-            except BufferError:  # a view is still alive; the map goes with it
-                pass
-        self._fh.close()
-
 
 
 def _contiguous_strides(size: tuple) -> tuple:

@@ -44,6 +44,9 @@ class KernelSet:
 def check_target(target: str, dtype: str) -> None:
     if target not in TARGET_DTYPES:
         raise TargetError(f"target {target!r}: unknown (choose from {', '.join(TARGETS)})")
+    if target == "cpu" and dtype == "bfloat16":
+        raise TargetError("dtype 'bfloat16' with target 'cpu': MindSpore 2.10 has no CPU "
+                          "kernels for bf16 matmul/gather; use float32 (or --target ascend)")
     if target == "ascend" and dtype not in ASCEND_DTYPES:
         raise TargetError(f"dtype {dtype!r} with target 'ascend': the fused attention "
                           f"operators need {' or '.join(ASCEND_DTYPES)}")

@@ -159,3 +159,34 @@ def test_help_explains_options():
     assert result.exit_code == 0
     for option in ("--model", "--tp", "--out", "--max-seq-len"):
         assert option in result.output
+
+
+def test_ascend_build_writes_lite_configs_and_the_conversion_script(tiny_checkpoint, tmp_path,
+                                                                     monkeypatch):
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no converter_lite
+    monkeypatch.delenv("MSLITE_HOME", raising=False)
+    out = tmp_path / "asc"
+    result = CliRunner().invoke(dsexport, ["build", "--model", str(tiny_checkpoint), "--tp", "2",
+                                           "--target", "ascend", "--buckets", "64,128",
+                                           "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"{out}/convert_for_ascend.sh" in result.output and ".tmp-" not in result.output
+    m = read_manifest(out)
+    assert (m.target, m.dtype, m.cache_dtype, m.buckets) == ("ascend", "bfloat16", "float16",
+                                                             [64, 128])
+    for g in m.data["graphs"]:
+        assert g["stage"] == "mindir" and (out / g["config"]).is_file()
+    assert "ge.dynamicDims=64,64;128,128" in (out / "rank1" / "decode.ini").read_text()
+    assert (out / "rank_table.json").is_file() and (out / "convert_for_ascend.sh").is_file()
+    m.verify()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target", "cpu", "--dtype", "bfloat16"], "no CPU kernels for bf16"),
+    (["--target", "ascend", "--dtype", "float32"], "need bfloat16 or float16"),
+    (["--buckets", "64,x"], "--buckets '64,x'"),
+    (["--buckets", "1024", "--max-seq-len", "512"], "exceeds --max-seq-len 512"),
+])
+def test_bad_target_options(tiny_checkpoint, tmp_path, args, message):
+    code, out = run("--model", tiny_checkpoint, "--out", tmp_path / "a", *args)
+    assert code == 2 and message in out and not (tmp_path / "a").exists()
