@@ -1,12 +1,14 @@
 """Reading the versioned JSON document that marks a dsflow output directory finished
-(the shards index; the artifacts manifest has the same shape), with one clear error
+(the shards index and the artifacts manifest), with one clear error
 for each way it can be wrong."""
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from pathlib import Path
 
+from ..graphs.config import ModelConfig
 from ..graphs.errors import DsflowError
+from ..graphs.json_io import read_json_object
 
 
 def read_json_document(path: Path, fmt: str, version: int, error: type[DsflowError],
@@ -15,13 +17,30 @@ def read_json_document(path: Path, fmt: str, version: int, error: type[DsflowErr
     its absence means."""
     if not path.is_file():
         raise error(f"{path}: missing; {unfinished}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise error(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict) or data.get("format") != fmt:
+    data = read_json_object(path, error)
+    if data.get("format") != fmt:
         raise error(f"{path}: not a {fmt} document")
     if data.get("format_version", 0) > version:
         raise error(f"{path}: format version {data['format_version']} is newer than this "
                     f"dsflow understands ({version}); upgrade dsflow")
     return data
+
+
+@dataclass(frozen=True)
+class ModelDocument:
+    """What the manifest and the shards index both record: the model, tp and dtype."""
+
+    root: Path
+    data: dict
+
+    @property
+    def config(self) -> ModelConfig:
+        return ModelConfig.from_dict(self.data["model"])
+
+    @property
+    def tp(self) -> int:
+        return int(self.data["tp"])
+
+    @property
+    def dtype(self) -> str:
+        return self.data["dtype"]

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from ..graphs.config import ModelConfig
 from ..graphs.errors import DsflowError
 from ..graphs.signatures import CACHE_LAYOUT, GraphSignature, graph_signature
+from .json_document import ModelDocument, read_json_document
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "dsflow-artifacts"
@@ -47,22 +47,8 @@ def files_with_checksums(root: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-@dataclass(frozen=True)
-class Manifest:
-    root: Path
-    data: dict
-
-    @property
-    def config(self) -> ModelConfig:
-        return ModelConfig.from_dict(self.data["model"])
-
-    @property
-    def tp(self) -> int:
-        return int(self.data["tp"])
-
-    @property
-    def dtype(self) -> str:
-        return self.data["dtype"]
+class Manifest(ModelDocument):
+    """A finished artifacts directory, as its manifest.json describes it."""
 
     @property
     def target(self) -> str:
@@ -133,15 +119,6 @@ def read_manifest(root: str | Path) -> Manifest:
     if not root.is_dir():
         raise ManifestError(f"{root}: no such artifacts directory (run `dsexport build` first, "
                             "or pass --artifacts DIR)")
-    if not path.is_file():
-        raise ManifestError(f"{path}: missing; {root} is not a finished dsflow build")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ManifestError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ManifestError(f"{path}: not a dsflow manifest")
-    if data.get("format_version", 0) > FORMAT_VERSION:
-        raise ManifestError(f"{path}: format version {data['format_version']} is newer than "
-                            f"this dsflow understands ({FORMAT_VERSION}); upgrade dsflow")
+    data = read_json_document(path, FORMAT, FORMAT_VERSION, ManifestError,
+                              f"{root} is not a finished dsflow build")
     return Manifest(root, data)

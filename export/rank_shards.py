@@ -37,7 +37,7 @@ from .atomic import AtomicFile, remove_stale_temps, write_text_atomic
 from .checkpoint import SHARDS_MARKER, TOKENIZER_FILES, Checkpoint
 from .dtypes import convert
 from .errors import CheckpointError, ExportError
-from .json_document import read_json_document
+from .json_document import ModelDocument, read_json_document
 from .manifest import sha256_file
 from .mapped_file import nbytes
 from .safetensors_io import Layout, SafetensorsFile, SafetensorsWriter
@@ -76,28 +76,12 @@ def rank_weight_bytes(cfg: ModelConfig, tp: int, dtype: str) -> int:
     return sum(nbytes(shape, d) for _, shape, d in rank_layout(cfg, tp, dtype))
 
 
-@dataclass(frozen=True)
-class ShardsIndex:
+class ShardsIndex(ModelDocument):
     """A finished shards directory, as its shards.json describes it."""
-
-    root: Path
-    data: dict
-
-    @property
-    def config(self) -> ModelConfig:
-        return ModelConfig.from_dict(self.data["model"])
 
     @property
     def hf_config(self) -> dict:
         return self.data["hf_config"]
-
-    @property
-    def tp(self) -> int:
-        return int(self.data["tp"])
-
-    @property
-    def dtype(self) -> str:
-        return self.data["dtype"]
 
     def rank_path(self, rank: int) -> Path:
         return self.root / self.data["ranks"][rank]["file"]

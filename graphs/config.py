@@ -5,12 +5,12 @@ Sharding, graph building, the manifest, the runtime and the memory planner all r
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from .errors import DsflowError
+from .json_io import read_json_object
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 
@@ -173,10 +173,4 @@ def load_config(path: str | Path) -> ModelConfig:
         p = p / "config.json"
     if not p.is_file():
         raise ConfigError(f"{p}: no such file (a HuggingFace model directory has config.json)")
-    try:
-        raw = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{p}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: expected a JSON object")
-    return config_from_hf_dict(raw, str(p))
+    return config_from_hf_dict(read_json_object(p, ConfigError), str(p))
