@@ -1,3 +1,5 @@
 """dsflow runtime: tokenizer, sampling, rank workers and the generating coordinator."""
-from .engine import Completion, Engine, StreamEvent  # noqa: F401
-from .sampling import SamplingParams  # noqa: F401
+from .engine import Completion, Engine, StreamEvent
+from .sampling import SamplingParams
+
+__all__ = ["Completion", "Engine", "SamplingParams", "StreamEvent"]
