@@ -87,8 +87,9 @@ def main() -> None:
               help="cpu: portable fp32 graphs run by MindSpore here. ascend: fused Ascend "
                    "operators, bf16 weights, MindSpore Lite configs (and conversion where "
                    "converter_lite is found); runs only on Ascend (docs/ASCEND.md).")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
-              help="Weight dtype. Default: float32 for cpu, bfloat16 for ascend.")
+@click.option("--dtype", default=None,
+              help="Weight dtype: float32/fp32, bfloat16/bf16 or float16/fp16. Default: "
+                   "float32 for cpu, bfloat16 for ascend.")
 @click.option("--buckets", default=None,
               help="Comma-separated prompt/cache length buckets; a prompt is padded to the "
                    "smallest that holds it. Default for ascend: 512,1024,2048,4096,8192,"
@@ -121,6 +122,7 @@ def build(model_dir: Optional[Path], tp: int, out: Path, target: str, dtype: Opt
                         format="%(name)s: %(message)s")
     try:
         from .build import BuildOptions, build as run_build
+        from .dtype_names import parse_dtype
         if tp < 1:
             raise DsflowError(f"--tp {tp}: must be at least 1")
         if model_dir is None:
@@ -128,7 +130,8 @@ def build(model_dir: Optional[Path], tp: int, out: Path, target: str, dtype: Opt
             model_dir = ensure_default_model(log=None if quiet else
                                              lambda m: click.echo(m, err=True))
         result = run_build(
-            BuildOptions(model_dir=model_dir, out=out, tp=tp, target=target, dtype=dtype,
+            BuildOptions(model_dir=model_dir, out=out, tp=tp, target=target,
+                         dtype=parse_dtype(dtype),
                          max_seq_len=max_seq_len, config=config_path,
                          buckets=int_list(buckets, "--buckets"),
                          batch_sizes=tuple(int_list(batch_sizes, "--batch-sizes") or (1,)),

@@ -37,7 +37,3 @@ def convert(arr: np.ndarray, src: str, dst: str) -> np.ndarray:
     if dst == "bfloat16":
         return f32_to_bf16(f32)
     return f32.astype(STORAGE[dst])
-
-
-def to_float32(arr: np.ndarray, src: str) -> np.ndarray:
-    return convert(arr, src, "float32")

@@ -183,6 +183,8 @@ def test_ascend_build_writes_lite_configs_and_the_conversion_script(tiny_checkpo
 
 @pytest.mark.parametrize("args, message", [
     (["--target", "cpu", "--dtype", "bfloat16"], "no CPU kernels for bf16"),
+    (["--target", "cpu", "--dtype", "bf16"], "no CPU kernels for bf16"),
+    (["--dtype", "int8"], "--dtype int8: unknown dtype"),
     (["--target", "ascend", "--dtype", "float32"], "need bfloat16 or float16"),
     (["--buckets", "64,x"], "--buckets '64,x'"),
     (["--buckets", "1024", "--max-seq-len", "512"], "exceeds --max-seq-len 512"),
