@@ -83,10 +83,11 @@ class Manifest(ModelDocument):
     def tokenizer_dir(self) -> Path:
         return self.root / "tokenizer"
 
-    def verify(self, paths: list[str] | None = None) -> None:
-        """Check sizes (always) and sha256 (of `paths`, or of everything if None)."""
+    def verify(self) -> None:
+        """Every listed file is present, with its size and sha256 (reads all the bytes:
+        `dsrun --verify` only, as a user may edit rank_table.json on purpose)."""
         files = self.data["files"]
-        for rel in files if paths is None else paths:
+        for rel in files:
             p = self.root / rel
             if not p.is_file():
                 raise ManifestError(f"{p}: listed in the manifest but missing")

@@ -147,7 +147,8 @@ class Engine:
         """device: "cpu" or "ascend" (default: what the artifacts were built for);
         device_ids: the card of each rank on Ascend (default 0..tp-1)."""
         self.manifest: Manifest = read_manifest(artifacts)
-        self.manifest.verify(None if verify else [])
+        if verify:
+            self.manifest.verify()
         self.device = check_device(self.manifest, device, device_ids)
         cfg = self.manifest.config
         self.tokenizer = Tokenizer(self.manifest.tokenizer_dir(),
