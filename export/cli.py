@@ -43,19 +43,6 @@ class _BuildProgress:
             self.bar = None
 
 
-def int_list(text: Optional[str], option: str) -> Optional[list[int]]:
-    """'512,1024' -> [512, 1024]; a clear error naming the option otherwise."""
-    if text is None:
-        return None
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise DsflowError(f"{option} {text!r}: expected comma-separated integers") from None
-    if not values or min(values) < 0:
-        raise DsflowError(f"{option} {text!r}: expected comma-separated positive integers")
-    return values
-
-
 def _fail(message: str) -> None:
     click.echo(f"dsexport: error: {message}", err=True)
     sys.exit(2)
@@ -122,7 +109,7 @@ def build(model_dir: Optional[Path], tp: int, out: Path, target: str, dtype: Opt
                         format="%(name)s: %(message)s")
     try:
         from .build import BuildOptions, build as run_build
-        from .dtype_names import parse_dtype
+        from .option_values import int_list, parse_dtype
         if tp < 1:
             raise DsflowError(f"--tp {tp}: must be at least 1")
         if model_dir is None:

@@ -107,7 +107,7 @@ def shard(model_path: Path, out: Path, tp: int, dtype: Optional[str],
             bars.step(f"rank {rank}/{tp}", done, total)
 
     def action() -> None:
-        from .dtype_names import parse_dtype
+        from .option_values import parse_dtype
         from .rank_shards import write_shards
         if tp < 1:
             raise DsflowError(f"--tp {tp}: must be at least 1")
@@ -193,7 +193,7 @@ def plan(config_path: Path, tp: int, max_seq: Optional[int], batch: int, dtype: 
     """
     def action() -> None:
         from .checkpoint import read_config
-        from .dtype_names import parse_dtype
+        from .option_values import parse_dtype
         from .plan import plan_report
         source = read_config(config_path)
         seq = max_seq or source.config.max_position_embeddings

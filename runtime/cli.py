@@ -43,16 +43,6 @@ class _OrderedPrinter:
                 click.echo(self.buffers[self.current], nl=False)
 
 
-def _parse_devices(text: Optional[str]) -> Optional[list[int]]:
-    if text is None:
-        return None
-    try:
-        return [int(d) for d in text.split(",") if d.strip()]
-    except ValueError:
-        raise DsflowError(f"--devices {text!r}: expected comma-separated card ids, "
-                          "e.g. 0,1,2,3") from None
-
-
 def _fail(message: str, code: int = 2) -> None:
     click.echo(f"dsrun: error: {message}", err=True)
     sys.exit(code)
@@ -109,12 +99,13 @@ def main(artifacts: Path, prompts: tuple[str, ...], max_new_tokens: int, tempera
         prompts = (sys.stdin.read(),)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                             top_k=top_k, top_p=top_p, seed=seed, stop=tuple(stops))
+    from ..export.option_values import int_list
     from .engine import Engine
     engine = None
     try:
         params.check()
         engine = Engine(artifacts, verbose=verbose, verify=verify, device=device,
-                        device_ids=_parse_devices(devices))
+                        device_ids=int_list(devices, "--devices"))
         results = _run(engine, list(prompts), params, chat, as_json)
     except DsflowError as e:
         _fail(str(e))

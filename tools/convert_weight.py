@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from dsflow.export.ckpt_convert import run_tool, to_mindspore_ckpt
-from dsflow.export.dtype_names import parse_dtype
+from dsflow.export.option_values import parse_dtype
 from dsflow.graphs.errors import DsflowError
 
 SUPPORTED_MODELS = ("deepseek", "llama")
