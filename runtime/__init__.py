@@ -1,5 +1,10 @@
-"""dsflow runtime: tokenizer, sampling, rank workers and the generating coordinator."""
-from .engine import Completion, Engine, StreamEvent
-from .sampling import SamplingParams
+"""dsflow runtime: tokenizer, sampling, rank workers and the continuous-batching engine."""
+from .engine import Engine
+from .protocol import WorkerError
+from .requests import (Completion, EngineClosedError, QueueFullError, RequestHandle,
+                       StreamEvent)
+from .sampling import SamplingParams, TokenLogprob
+from .slot_cache import CacheLimitError
 
-__all__ = ["Completion", "Engine", "SamplingParams", "StreamEvent"]
+__all__ = ["CacheLimitError", "Completion", "Engine", "EngineClosedError", "QueueFullError",
+           "RequestHandle", "SamplingParams", "StreamEvent", "TokenLogprob", "WorkerError"]
