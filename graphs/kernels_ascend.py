@@ -13,7 +13,8 @@ has the mapping table and the reasons for each choice.
 - Prefill (a chunk of s tokens per row after start[b] cached ones): PromptFlashAttention,
   BNSD, native GQA (num_key_value_heads), over the concatenation [cache window | chunk]
   with a bool mask [b, 1, s, kv_len + s] built in-graph, True = masked (window
-  positions >= start[b], later chunk tokens); sparse_mode 0.
+  positions >= start[b], later chunk tokens); sparse_mode 0, no band (next_tokens
+  unbounded: a band aligned at key 0 would hide the window).
 - Attention runs in float16 (graphs/kernels.py ASCEND_CACHE_DTYPE: the caches at the
   graph boundary are fp16 because Lite has no bf16 tensors); q/k/v are cast on the way
   in and the output back to the model dtype.
@@ -76,7 +77,8 @@ class Attention(nn.Cell):
         self.head_dim = cfg.head_dim
         scale = attention_scale(cfg.head_dim)
         self.pfa = PromptFlashAttention(
-            num_heads=self.heads, scale_value=scale, pre_tokens=MAX_TOKENS, next_tokens=0,
+            num_heads=self.heads, scale_value=scale, pre_tokens=MAX_TOKENS,
+            next_tokens=MAX_TOKENS,  # no band: the mask says it all (window + chunk)
             input_layout="BNSD", num_key_value_heads=self.kv_heads, sparse_mode=0,
             inner_precise=1)
         self.ifa = IncreFlashAttention(
@@ -119,19 +121,24 @@ class Attention(nn.Cell):
         masked = ops.expand_dims(pos, 0) > ops.expand_dims(pos, 1)
         return ops.reshape(masked, (1, 1, seq, seq))
 
+    def prefill_full_mask(self, ctx, mask):
+        """[b, 1, s, kv_len + s], True = masked: window positions >= start[b], and the
+        chunk's causal mask."""
+        # mask[..., :1] is all False (key 0 is never after a query): [1, 1, s, 1]
+        past = ops.logical_or(ctx[2], mask[:, :, :, :1])  # [b, 1, s, kv_len]
+        chunk = ops.logical_or(mask, ctx[5])  # [b, 1, s, s]
+        return ops.concat((past, chunk), -1)
+
     def prefill(self, q, k, v, k_past, v_past, ctx, mask):
         """Same contract as the portable `prefill`: PromptFlashAttention over [window |
         chunk] with mask [b, 1, s, kv_len + s] (window positions >= start[b] and later
         chunk tokens masked)."""
         k = self._half(self._bnsd(k))
         v = self._half(self._bnsd(v))
-        # mask[..., :1] is all False (key 0 is never after a query): [1, 1, s, 1]
-        past = ops.logical_or(ctx[2], mask[:, :, :, :1])  # [b, 1, s, kv_len]
-        chunk = ops.logical_or(mask, ctx[5])  # [b, 1, s, s]
         keys = ops.concat((k_past, k), 2)
         values = ops.concat((v_past, v), 2)
         out = self.pfa(self._half(self._bnsd(q)), keys, values,
-                       ops.concat((past, chunk), -1))  # [b, heads, s, hd]
+                       self.prefill_full_mask(ctx, mask))  # [b, heads, s, hd]
         out = ops.reshape(self._bnsd(out), (-1, self.heads * self.head_dim))
         return ops.cast(out, q.dtype), k, v
 
