@@ -7,12 +7,12 @@ tools/bench_decode.py, exports it at tp=1, and starts two engines on it: schedul
 "continuous" (requests join and leave the running batch at every step) and "static"
 (a batch is admitted only when the previous one has finished: the old behaviour).
 For each N in --clients, N threads each send --requests requests one after another
-(prompts of 24..136 tokens from a fixed set, --new-tokens greedy tokens each, streamed)
+(prompts of 16..72 tokens from a fixed set, --new-tokens greedy tokens each, streamed)
 and the figures of vLLM's serving benchmark are taken: aggregate output tokens/s, time
 to first token (TTFT) p50/p99, inter-token latency (ITL: gap between a request's
 consecutive tokens) p50/p99. Ratios are against N=1 of the same engine. Every (N,
-mode) is run once untimed first, so compiles of new shapes are not measured, and the
-two modes alternate so both see the same machine.
+mode) is run once untimed first (one request per client), so most compiles of new
+shapes are not measured, and the two modes alternate so both see the same machine.
 
     python tools/bench_serve.py --workdir /tmp/dsflow-bench-serve      # ~10 minutes on 2 cores
     python tools/bench_serve.py --clients 1,8 --new-tokens 64 --prefill-chunk 128
@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import make_checkpoint, prompt_ids  # noqa: E402
+from bench_decode import make_checkpoint, model_arguments, prompt_ids  # noqa: E402
 
-PROMPT_LENS = (24, 40, 56, 72, 88, 104, 120, 136)
+PROMPT_LENS = (16, 24, 32, 40, 48, 56, 64, 72)
 
 
 def run_clients(engine, clients: int, requests: int, new_tokens: int) -> dict:
@@ -85,14 +85,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--clients", default="1,4,8,16")
     p.add_argument("--requests", type=int, default=2, help="requests per client, in a row")
-    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prefill-chunk", type=int, default=None)
     p.add_argument("--modes", default="continuous,static")
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--hidden", type=int, default=768)
-    p.add_argument("--ffn", type=int, default=2048)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--kv-heads", type=int, default=4)
+    model_arguments(p)
     p.add_argument("--workdir", type=Path, default=None)
     args = p.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
@@ -112,7 +108,7 @@ def main() -> None:
     try:
         for n in clients:
             for m in modes:  # untimed pass: compiles this load's shapes
-                run_clients(engines[m], n, 1, 4)
+                run_clients(engines[m], n, 1, args.new_tokens)
             for m in modes:
                 results[m][n] = r = run_clients(engines[m], n, args.requests, args.new_tokens)
                 print(f"{m:>10} clients={n:<3} {r['tok_s']:7.1f} tok/s  TTFT p50 "
