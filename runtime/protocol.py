@@ -23,7 +23,6 @@ from __future__ import annotations
 from dsflow.common.errors import DsflowError
 
 AUTHKEY_ENV = "DSFLOW_AUTHKEY"
-OPS = ("prefill", "decode", "release", "exit")
 
 
 class WorkerError(DsflowError):

@@ -28,8 +28,6 @@ import tempfile
 import time
 from pathlib import Path
 
-TOKENIZER_ENV = "DSFLOW_BENCH_TOKENIZER"
-
 
 def make_checkpoint(path: Path, args) -> None:
     import torch
