@@ -96,7 +96,7 @@ def main() -> None:
     ckpt, art = work / "ckpt", work / "art-serve-tp1"
     if not (ckpt / "config.json").exists():
         make_checkpoint(ckpt, args)
-    from dsflow.export.build import BuildOptions, build
+    from dsflow.export.pipeline.build import BuildOptions, build
     from dsflow.runtime import Engine
     if not (art / "manifest.json").exists():
         build(BuildOptions(model_dir=ckpt, out=art, tp=1, max_seq_len=1024))
