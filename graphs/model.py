@@ -166,6 +166,12 @@ class RankModel(nn.Cell):
         return self.lm_head(self.model.norm(x)).astype(ms.float32)
 
 
+def last_token_rows(valid_length, seq):
+    """Row of each prompt's last real token in the flattened [batch * seq] activations:
+    b * seq + valid_length[b] - 1, in int32 like every index (never the compute dtype)."""
+    return iota_like(valid_length) * seq + valid_length - 1
+
+
 class PrefillGraph(nn.Cell):
     """(input_ids [b, s], valid_length [b]) -> (logits of each last real token, K, V).
 
@@ -191,8 +197,7 @@ class PrefillGraph(nn.Cell):
             x, k, v = layer.prefill(x, seq, m.rotary, cos, sin, m.attention, mask)
             keys = keys + (k,)
             values = values + (v,)
-        last = iota_like(valid_length) * seq + valid_length - 1
-        logits = m.logits(ops.gather(x, last, 0))
+        logits = m.logits(ops.gather(x, last_token_rows(valid_length, seq), 0))
         return logits, ops.stack(keys, 0), ops.stack(values, 0)
 
 
