@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -76,13 +77,17 @@ def _fail(message: str, code: int = 2) -> None:
               help="Where the ranks run. Default: the target the artifacts were built for.")
 @click.option("--devices", default=None,
               help="Ascend card of each rank, comma-separated (e.g. 0,1,2,3). Default 0..tp-1.")
+@click.option("--allow-version-mismatch", is_flag=True,
+              help="ascend: run although the installed mindspore_lite's release differs "
+                   "from the MindSpore that exported the graphs (refused by default: GE's "
+                   "operator adapters change between releases).")
 @click.option("-q", "--quiet", is_flag=True, help="No timing summary on standard error.")
 @click.option("-v", "--verbose", is_flag=True,
               help="Show MindSpore's log lines and the workers' output.")
 def main(artifacts: Path, prompts: tuple[str, ...], max_new_tokens: int, temperature: float,
          top_k: int, top_p: float, seed: Optional[int], stops: tuple[str, ...], chat: bool,
          as_json: bool, verify: bool, device: Optional[str], devices: Optional[str],
-         quiet: bool, verbose: bool) -> None:
+         allow_version_mismatch: bool, quiet: bool, verbose: bool) -> None:
     """Generate text from a DeepSeek-Coder model exported by `dsexport build`.
 
     \b
@@ -101,6 +106,9 @@ def main(artifacts: Path, prompts: tuple[str, ...], max_new_tokens: int, tempera
                             top_k=top_k, top_p=top_p, seed=seed, stop=tuple(stops))
     from ..export.option_values import int_list
     from .engine import Engine
+    if allow_version_mismatch:  # read by each rank's Lite backend (runtime/backend_lite.py)
+        from .backend_lite import VERSION_OVERRIDE_ENV
+        os.environ[VERSION_OVERRIDE_ENV] = "1"
     engine = None
     try:
         params.check()
