@@ -1,11 +1,13 @@
 """dsflow: DeepSeek-Coder from a HuggingFace checkpoint to tensor-parallel MindSpore inference.
 
-The repository keeps graphs/, export/ and runtime/ at the top level; they install as
-the namespace packages dsflow.graphs, dsflow.export and dsflow.runtime.
+The repository keeps graphs/, export/, runtime/ and doctor/ at the top level; they
+install as the namespace packages dsflow.graphs, dsflow.export, dsflow.runtime and
+dsflow.doctor (above export and runtime: it runs both).
 """
 from setuptools import setup
 
-PACKAGES = {"dsflow.graphs": "graphs", "dsflow.export": "export", "dsflow.runtime": "runtime"}
+PACKAGES = {"dsflow.graphs": "graphs", "dsflow.export": "export", "dsflow.runtime": "runtime",
+            "dsflow.doctor": "doctor"}
 
 setup(
     name="dsflow",
@@ -28,7 +30,8 @@ setup(
         "test": ["pytest>=7", "torch==2.13.0", "transformers>=4.40"],
     },
     entry_points={"console_scripts": [
-        "dsexport=dsflow.export.cli:main",
+        # dsexport = export's commands plus `doctor`, which needs runtime too (doctor/cli.py)
+        "dsexport=dsflow.doctor.cli:dsexport",
         "dsrun=dsflow.runtime.cli:main",
         "dsserve=dsflow.runtime.serve_cli:main",
     ]},
