@@ -53,7 +53,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from ..graphs.config import ModelConfig
 from ..graphs.errors import DsflowError
-from ..graphs.signatures import BATCH, KV_LEN, SEQ, GraphSignature, graph_signature
+from ..graphs.signatures import (BATCH, KV_LEN, SEQ, GraphSignature, check_input_order,
+                                 graph_signature)
 
 MAX_GEARS = 100  # GE: "Up to 100 configurations are supported" (converter_tool_ascend.md)
 DEFAULT_BATCH_SIZES = (1,)
@@ -135,14 +136,14 @@ def ge_inputs(sig: GraphSignature) -> list:
     matches the i-th ge.inputShape entry and the i-th value of every gear to the i-th
     node *by position*, overwriting the entry's name with the node's (CANN ge
     compiler/graph/preprocess/multi_batch_options.cc: DistinguishGetNextAndData ->
-    SortDataNodesByName, UpdateNameOfData, ParserDataToDynamicInfo). Lite keys its own
-    copy by name in a std::map, i.e. also sorted (mindspore-lite
-    src/extendrt/delegate/ascend_ge/ge_graph_executor.cc UpdateInputShapeOption).
-    So entries are written sorted by name (bytewise, as std::string compares); a
-    common prefix on the exported names (MindIR writes `<graph>:input_ids`) keeps that
-    order. The decode signature (input_ids, positions, key_cache, value_cache) is not
-    sorted: in signature order GE would give key_cache the shape of positions."""
-    return sorted(sig.inputs, key=lambda t: t.name.encode())
+    SortDataNodesByName, UpdateNameOfData, ParserDataToDynamicInfo); older GE took the
+    nodes in graph order. The signatures list their inputs in name order
+    (graphs/signatures.check_input_order), so both readings give this order; Lite keys
+    its own copy by name (mindspore-lite src/extendrt/delegate/ascend_ge/
+    ge_graph_executor.cc UpdateInputShapeOption). A common prefix on the exported names
+    (MindIR writes `<graph>:input_ids`) keeps the order."""
+    check_input_order(sig)
+    return list(sig.inputs)
 
 
 def ge_input_shape(sig: GraphSignature, buckets: Sequence[int],

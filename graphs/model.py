@@ -202,7 +202,8 @@ class PrefillGraph(nn.Cell):
 
 
 class DecodeGraph(nn.Cell):
-    """(input_ids [b], positions [b], K, V) -> (logits [b, vocab/tp], K', V').
+    """(input_ids [b], K, positions [b], V) -> (logits [b, vocab/tp], K', V'); inputs in
+    name order like every signature (graphs/signatures.py).
 
     Position positions[b] of each cache is overwritten with the new token's K/V, and
     attention sees positions 0..positions[b]; anything a padded prefill left beyond
@@ -213,7 +214,7 @@ class DecodeGraph(nn.Cell):
         super().__init__(auto_prefix=False)
         self.net = net
 
-    def construct(self, input_ids, positions, key_cache, value_cache):
+    def construct(self, input_ids, key_cache, positions, value_cache):
         m = self.net
         ctx = m.attention.decode_begin(key_cache, value_cache, positions)
         cos, sin = m.rotary.cos_sin(ops.expand_dims(positions, 1))  # [b, 1, 1, hd]

@@ -76,7 +76,7 @@ SETTLE_S = 8.0
 TURN_TIMEOUT_S = 3600.0
 DOWNLOADS = "https://www.mindspore.cn/lite/docs/en/master/use/downloads.html"
 PREFILL_IO = (("input_ids", "valid_length"), ("logits", "key_cache", "value_cache"))
-DECODE_IO = (("input_ids", "positions", "key_cache", "value_cache"),
+DECODE_IO = (("input_ids", "key_cache", "positions", "value_cache"),
              ("logits", "key_cache", "value_cache"))
 LITE_DTYPE_NAMES = {"float32": "FLOAT32", "float16": "FLOAT16", "int32": "INT32",
                     "bfloat16": "BFLOAT16"}
@@ -268,7 +268,7 @@ class DecodeBuffers:
     def step(self, model, ids: np.ndarray, pos: np.ndarray) -> list:
         self.ids.set_data_from_numpy(ids)
         self.pos.set_data_from_numpy(pos)
-        outs = model.predict([self.ids, self.pos, self.k_in, self.v_in],
+        outs = model.predict([self.ids, self.k_in, self.pos, self.v_in],
                              [self.logits, self.k_out, self.v_out])  # outputs: a list
         self.k_in, self.k_out = self.k_out, self.k_in
         self.v_in, self.v_out = self.v_out, self.v_in

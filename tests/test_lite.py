@@ -132,16 +132,16 @@ def test_one_gear_is_written_as_static_shapes(buckets):
                                     f"value_cache:2,1,1,{n},8"}
 
 
-def ge_shapes_per_gear(graph_input_names: list, ini_text: str) -> list:
+def ge_shapes_per_gear(graph_input_names: list, ini_text: str, by_name: bool) -> list:
     """What GE does with the ini, after CANN ge compiler/graph/preprocess/
-    multi_batch_options.cc: Data nodes sorted by name (SortDataNodesByName); the i-th
-    ge.inputShape entry goes to the i-th node (UpdateNameOfData), and each gear's values
-    fill the -1s entry after entry (ParserDataToDynamicInfo). -> per gear, {node name:
-    shape}; a single static gear when there is no dynamicDims."""
+    multi_batch_options.cc: Data nodes sorted by name (SortDataNodesByName; older GE: in
+    graph order); the i-th ge.inputShape entry goes to the i-th node (UpdateNameOfData),
+    and each gear's values fill the -1s entry after entry (ParserDataToDynamicInfo).
+    -> per gear, {node name: shape}; a single static gear when there is no dynamicDims."""
     opts = graph_options(ini_text)
     entries = [e.rsplit(":", 1)[1] for e in opts["ge.inputShape"].split(";")]
     shapes = [[int(d) for d in e.split(",")] for e in entries]
-    nodes = sorted(graph_input_names, key=str.encode)
+    nodes = sorted(graph_input_names, key=str.encode) if by_name else list(graph_input_names)
     assert len(nodes) == len(shapes)
     gears = [[int(v) for v in g.split(",")] for g in opts["ge.dynamicDims"].split(";")] \
         if "ge.dynamicDims" in opts else [[]]
@@ -153,18 +153,29 @@ def ge_shapes_per_gear(graph_input_names: list, ini_text: str) -> list:
     return out
 
 
+@pytest.mark.parametrize("by_name", [True, False])  # current GE, older GE
 @pytest.mark.parametrize("kind", ["prefill", "decode"])
 @pytest.mark.parametrize("batch_sizes", [[1], [1, 2]])
-def test_ge_pairs_every_input_with_its_own_shape_in_every_gear(kind, batch_sizes):
+def test_ge_pairs_every_input_with_its_own_shape_in_every_gear(kind, batch_sizes, by_name):
     sig = graph_signature(kind, CFG, 2, "float16")
     got = ge_shapes_per_gear([t.name for t in sig.inputs],
-                             lb.lite_config(sig, BUCKETS, batch_sizes))
+                             lb.lite_config(sig, BUCKETS, batch_sizes), by_name)
     want = []
     for batch, length in lb.gears(BUCKETS, batch_sizes):
         dims = {"batch": batch, "seq": length, "kv_len": length}
         want.append({t.name: [d if isinstance(d, int) else dims[d] for d in t.shape]
                      for t in sig.inputs})
     assert got == want
+
+
+def test_signatures_out_of_name_order_are_refused():
+    from dsflow.graphs.signatures import GraphSignature, TensorSpec, check_input_order
+    sig = GraphSignature("decode", (TensorSpec("positions", ("batch",), "int32"),
+                                    TensorSpec("key_cache", ("batch",), "float16")), ())
+    with pytest.raises(ValueError, match="not in name order"):
+        check_input_order(sig)
+    with pytest.raises(ValueError, match="not in name order"):
+        lb.lite_config(sig, BUCKETS)
 
 
 # ---- rank table ---------------------------------------------------------------------
@@ -297,7 +308,7 @@ def kernel(model_path: str, arrays: list, heads: int, vocab: int) -> list:
         logits = np.zeros((b, vocab), np.float32)
         logits[np.arange(b), 0] = ids[np.arange(b), lengths - 1]
         return [logits, key.astype(np.float16), (-key).astype(np.float16)]
-    ids, pos, key, value = arrays
+    ids, key, pos, value = arrays
     key = key.copy()
     for b in range(len(ids)):
         key[:, b, :, pos[b], :] = ids[b]
@@ -388,10 +399,12 @@ def test_backend_call_sequence_and_ping_pong(tmp_path, fake_lite):
         assert list(out[:, 0]) == sums, f"step {step}: cache lost a write (ping-pong)"
         step_io.append([c for c in calls[n_before:] if c[0] == "predict"][-1])
     (_, _, _, in0, out0), (_, _, _, in1, out1), (_, _, _, in2, _) = step_io
-    assert in0[2:] == out1[1:] and out0[1:] == in1[2:] and in2[2:] == in0[2:]
+    def caches(tags):  # decode inputs: input_ids, key_cache, positions, value_cache
+        return [tags[1], tags[3]]
+    assert caches(in0) == out1[1:] and out0[1:] == caches(in1) and caches(in2) == caches(in0)
     resizes = [c for c in calls[n_before:] if c[0] == "resize"]
     assert resizes == [("resize", builds[0][1], [[2, 16], [2]]),
-                       ("resize", builds[1][1], [[2], [2], [2, 2, 1, 32, 8], [2, 2, 1, 32, 8]])]
+                       ("resize", builds[1][1], [[2], [2, 2, 1, 32, 8], [2], [2, 2, 1, 32, 8]])]
     kv = [c for c in calls[n_before:] if c[0] == "tensor" and c[4] == "ascend:5"]
     assert len(kv) == 7  # ids, positions, logits, 2 x (key, value): allocated once
     backend.release()
@@ -531,15 +544,15 @@ def test_fake_rejects_what_mindspore_lite_rejects(tmp_path, fake_lite):
     fake.Tensor(shape=[1], dtype=fake.DataType.INT32, device="ascend")  # no index: fine
     model = built_model(fake, tmp_path)
     inputs = model.get_inputs()
-    assert [t.shape for t in inputs] == [[-1], [-1], [2, -1, 2, -1, 8], [2, -1, 2, -1, 8]]
+    assert [t.shape for t in inputs] == [[-1], [2, -1, 2, -1, 8], [-1], [2, -1, 2, -1, 8]]
     with pytest.raises(ValueError, match="does not match dims' size"):
         model.resize(inputs, [[1], [1], [2, 1, 2, 16, 8]])
     with pytest.raises(RuntimeError, match="resize failed"):
         model.resize(inputs[:2], [[1], [1]])
     with pytest.raises(RuntimeError, match="resize failed"):
-        model.resize(inputs, [[1], [1], [2, 1, 2, -1, 8], [2, 1, 2, 16, 8]])
+        model.resize(inputs, [[1], [2, 1, 2, -1, 8], [1], [2, 1, 2, 16, 8]])
     with pytest.raises(TypeError):
-        model.resize(inputs, [[1], [1], [2, 1, 2, np.int64(16), 8], [2, 1, 2, 16, 8]])
+        model.resize(inputs, [[1], [2, 1, 2, np.int64(16), 8], [1], [2, 1, 2, 16, 8]])
     with pytest.raises(RuntimeError, match="model input len:4 not equal input len:2"):
         model.predict([fake.Tensor(np.zeros(1, np.int32))] * 2)
     with pytest.raises(TypeError, match="outputs must be list"):
@@ -592,6 +605,6 @@ def test_warm_up_runs_every_gear_of_both_graphs_once(tmp_path, fake_lite):
         for n in BUCKETS:
             want += [[batch, n], [batch]]  # prefill input_ids, then decode input_ids
     assert shapes == want
-    decode_caches = [c[2][2] for c in fake.CALLS[mark:] if c[0] == "predict" and len(c[2]) == 4]
+    decode_caches = [c[2][1] for c in fake.CALLS[mark:] if c[0] == "predict" and len(c[2]) == 4]
     assert [k[3] for k in decode_caches] == BUCKETS * 2  # kv_len gear of each step
     assert backend._batch == 0  # released: ready for requests
