@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from dsflow.graphs.errors import DsflowError
+from dsflow.common.errors import DsflowError
 
 PROMPT = "def quick_sort(arr):"
 NEW_TOKENS = 8
@@ -46,7 +46,7 @@ class Run:
 
 def _build(checkpoint: Path, out: Path, target: str, tp: int,
            device_ids: Optional[Sequence[int]]) -> None:
-    from dsflow.export.build import BuildOptions, build
+    from dsflow.export.pipeline.build import BuildOptions, build
     build(BuildOptions(model_dir=checkpoint, out=out, tp=tp, target=target, max_seq_len=MAX_SEQ,
                        buckets=ASCEND_BUCKETS if target == "ascend" else None,
                        device_ids=list(device_ids) if device_ids else None))

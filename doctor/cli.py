@@ -3,7 +3,6 @@ one (registered here, not in export/, because the doctor runs the runtime too)."
 from __future__ import annotations
 
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -11,11 +10,12 @@ from typing import Optional
 
 import click
 
+from dsflow.common.cli import CONTEXT_SETTINGS, EXIT_FAILURE, run_command
 from dsflow.doctor.check import (ASCEND_BUCKETS, MAX_SEQ, NEW_TOKENS, PROMPT, Run, compare,
                                  run_target)
 from dsflow.doctor.environment import Environment, probe
 from dsflow.doctor.tiny_model import CONFIG, write_tiny_checkpoint
-from dsflow.export.cli import main as export_main
+from dsflow.export.cli.main import main as export_main
 
 TPS = (1, 2)
 
@@ -54,7 +54,7 @@ def _runs(checkpoint: Path, work: Path, target: str, devices: Optional[list[int]
     return runs, ok
 
 
-@click.command()
+@click.command(context_settings=CONTEXT_SETTINGS)
 @click.option("--device", type=click.Choice(["cpu", "ascend"]), default="cpu",
               show_default=True,
               help="cpu: environment + the CPU half. ascend: also the Ascend half (Lite on "
@@ -64,6 +64,7 @@ def _runs(checkpoint: Path, work: Path, target: str, devices: Optional[list[int]
 @click.option("--keep", type=click.Path(path_type=Path), default=None,
               help="Keep the tiny model and its artifacts in this directory.")
 @click.option("-v", "--verbose", is_flag=True, help="Show MindSpore's own log lines.")
+@run_command("dsexport")
 def doctor(device: str, devices: str, keep: Optional[Path], verbose: bool) -> None:
     """Report the environment and run a tiny end-to-end self-test; paste the output
     into a bug report.
@@ -75,8 +76,8 @@ def doctor(device: str, devices: str, keep: Optional[Path], verbose: bool) -> No
     tokens and logits with the CPU run and timing build, warm-up, prefill and decode.
     Exits 0 when every requested check passed, 1 otherwise.
     """
-    from dsflow.export.option_values import int_list
-    from dsflow.runtime.logs import quiet_mindspore
+    from dsflow.common.options import int_list
+    from dsflow.common.logs import quiet_mindspore
     quiet_mindspore(verbose)
     cards = int_list(devices, "--devices") or [0, 1]
     click.echo(f"dsflow doctor report ({time.strftime('%Y-%m-%d %H:%M:%S %Z')}, "
@@ -86,13 +87,11 @@ def doctor(device: str, devices: str, keep: Optional[Path], verbose: bool) -> No
     work = keep or Path(tempfile.mkdtemp(prefix="dsflow-doctor-"))
     try:
         ok = _checks(env, work, device, cards)
-    except KeyboardInterrupt:
-        click.echo("\ninterrupted", err=True)
-        sys.exit(130)
     finally:
         if keep is None:
             shutil.rmtree(work, ignore_errors=True)
-    sys.exit(0 if ok else 1)
+    if not ok:  # the report says what failed; exit 1 like any dsflow failure
+        raise click.exceptions.Exit(EXIT_FAILURE)
 
 
 def _checks(env: Environment, work: Path, device: str, cards: list[int]) -> bool:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Optional
 
-from dsflow.export.lite_build import CANN_ENVS, find_cann, find_converter
+from dsflow.export.pipeline.lite_build import CANN_ENVS, find_cann, find_converter
 
 PROBE_TIMEOUT_S = 60
 DEFAULT_PORT_RANGE = "21500-21600"  # what the Lite backend sets when unset

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dsflow.export.default_model import random_weights
-from dsflow.export.safetensors_io import write_safetensors
+from dsflow.export.pipeline.default_model import random_weights
+from dsflow.export.checkpoint.safetensors import write_safetensors
 from dsflow.graphs.config import ModelConfig
 
 BYTES = 256

@@ -17,15 +17,15 @@ Inputs are listed in name order. GE (the Ascend graph engine) pairs the entries 
 position: current GE sorts the nodes by name first (CANN ge
 compiler/graph/preprocess/multi_batch_options.cc, SortDataNodesByName), older GE took
 them in graph order. With graph order = name order the two agree, and the Lite configs
-(export/lite_build.py) can follow the signature; `check_input_order` enforces it.
+(export/pipeline/lite_build.py) can follow the signature; `check_input_order` enforces it.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Union
 
-from .config import ModelConfig
-from .tp_plan import padded_vocab
+from dsflow.graphs.config import ModelConfig
+from dsflow.graphs.tp_plan import rank_sizes
 
 Dim = Union[int, str]
 
@@ -71,13 +71,14 @@ def check_input_order(sig: GraphSignature) -> None:
 
 
 def cache_shape(cfg: ModelConfig, tp: int, kv_len: Dim = KV_LEN) -> tuple[Dim, ...]:
-    return (cfg.num_layers, BATCH, cfg.num_kv_heads // tp, kv_len, cfg.head_dim)
+    sizes = rank_sizes(cfg, tp)
+    return (sizes.layers, BATCH, sizes.kv_heads, kv_len, sizes.head_dim)
 
 
 def graph_signature(kind: str, cfg: ModelConfig, tp: int, dtype: str) -> GraphSignature:
     """The signature of one rank's graph. `dtype` is the KV-cache dtype
     (graphs.kernels.cache_dtype(target, weight dtype)); logits are always fp32."""
-    logits = TensorSpec("logits", (BATCH, padded_vocab(cfg, tp) // tp), "float32")
+    logits = TensorSpec("logits", (BATCH, rank_sizes(cfg, tp).vocab), "float32")
     if kind == "prefill":
         inputs = (TensorSpec("input_ids", (BATCH, SEQ), "int32"),
                   TensorSpec("valid_length", (BATCH,), "int32"))

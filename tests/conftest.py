@@ -80,7 +80,7 @@ _ENGINES: dict[int, object] = {}
 @pytest.fixture(scope="session")
 def export_tiny(tiny_checkpoint, tmp_path_factory):
     """tp -> artifacts directory (built once per tp per session)."""
-    from dsflow.export.build import BuildOptions, build
+    from dsflow.export.pipeline.build import BuildOptions, build
 
     def get(tp: int) -> Path:
         if tp not in _ARTIFACTS:
