@@ -3,6 +3,7 @@ timed, and compared with a reference run (greedy tokens, and logits under teache
 forcing with the reference's tokens, so every run scores the same sequence)."""
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from dsflow.artifacts.lite import RANK_TABLE_NAME
 from dsflow.common.errors import DsflowError
 
 PROMPT = "def quick_sort(arr):"
@@ -50,6 +52,18 @@ def _build(checkpoint: Path, out: Path, target: str, tp: int,
     build(BuildOptions(model_dir=checkpoint, out=out, tp=tp, target=target, max_seq_len=MAX_SEQ,
                        buckets=ASCEND_BUCKETS if target == "ascend" else None,
                        device_ids=list(device_ids) if device_ids else None))
+    if target == "ascend" and tp > 1:
+        _single_host_rank_table(out / RANK_TABLE_NAME)
+
+
+def _single_host_rank_table(path: Path) -> None:
+    """The build leaves device_ip placeholders for the user to fill in; on one host
+    HCCL runs without them (docs/ASCEND.md section 4), so the doctor deletes them."""
+    table = json.loads(path.read_text(encoding="utf-8"))
+    for server in table["server_list"]:
+        for device in server["device"]:
+            device.pop("device_ip", None)
+    path.write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
 
 
 def _execute(run: Run, artifacts: Path, device_ids: Optional[Sequence[int]],

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from dsflow.doctor.check import Run, compare
 from dsflow.doctor.environment import probe
@@ -68,3 +69,26 @@ def test_doctor_here_runs_the_cpu_half_and_names_what_ascend_lacks(tmp_path):
                  "no NPU visible", "CPU half: OK; Ascend half: FAILED or NOT RUN"):
         assert line in out, out
     assert (tmp_path / "work" / "cpu-tp2" / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_ascend_half_reports_a_lite_runtime_that_disagrees(tmp_path, monkeypatch, tp):
+    """The Ascend half's own path (build for ascend, run through Lite workers, compare
+    with the reference), here with the fake mindspore_lite computing zeros: the doctor
+    must time the run and report a MISMATCH, not a pass."""
+    from dsflow.doctor.check import run_target
+    from dsflow.doctor.tiny_model import write_tiny_checkpoint
+    monkeypatch.setenv("PYTHONPATH", f"{FAKES}:{FAKES.parent}")
+    monkeypatch.setenv("DSFLOW_FAKE_LITE_KERNEL", "lite_inputs:zero_outputs")
+    monkeypatch.setenv("DSFLOW_FAKE_LITE_INPUTS", "lite_inputs:from_manifest")
+    monkeypatch.setenv("DSFLOW_GE_CACHE", str(tmp_path / "ge-cache"))
+    checkpoint = write_tiny_checkpoint(tmp_path / "model")
+    reference = run_of([5, 6, 7, 8, 9, 10, 11, 12], np.eye(9, 320, 5, dtype=np.float32) * 3)
+    monkeypatch.setenv("DSFLOW_LITE_BUILD_STAGGER_S", "0")
+    run = run_target(checkpoint, tmp_path, "ascend", tp, [0, 1][:tp], forced=reference.tokens)
+    assert run.error is None, run.error
+    assert run.build_s > 0 and run.warm_up_s > 0 and run.logits.shape == (9, 320)
+    agrees, line = compare(reference, run)
+    assert not agrees and "tokens differ" in line and "NOT a tie" in line, line
+    manifest = (tmp_path / f"ascend-tp{tp}" / "manifest.json").read_text()
+    assert '"target": "ascend"' in manifest and '"float16"' in manifest

@@ -20,3 +20,21 @@ def from_manifest(model_path: str) -> list:
     graph = next(g for g in data["graphs"] if g["rank"] == rank and g["kind"] == kind)
     return [([d if isinstance(d, int) else -1 for d in t["shape"]],
              getattr(fake.DataType, DTYPES[t["dtype"]])) for t in graph["inputs"]]
+
+
+def zero_outputs(model_path: str, arrays: list) -> list:
+    """KERNEL for the fake: outputs of the graph's recorded shapes, all zeros (logits)
+    or the input cache (decode): a runtime that computes nothing, for checking that
+    whoever compares results notices."""
+    import numpy as np
+    path = Path(model_path).resolve()
+    root = next(p for p in path.parents if (p / "manifest.json").is_file())
+    data = json.loads((root / "manifest.json").read_text())
+    kv = data["kv_cache"]
+    batch = arrays[0].shape[0]
+    vocab = next(g for g in data["graphs"] if g["kind"] == "decode")["outputs"][0]["shape"][1]
+    logits = np.zeros((batch, vocab), np.float32)
+    if path.name.startswith("decode"):
+        return [logits, arrays[1], arrays[3]]
+    shape = (kv["layers"], batch, kv["kv_heads_per_rank"], arrays[0].shape[1], kv["head_dim"])
+    return [logits, np.zeros(shape, np.float16), np.zeros(shape, np.float16)]
