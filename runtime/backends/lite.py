@@ -82,7 +82,8 @@ LITE_DTYPE_NAMES = {"float32": "FLOAT32", "float16": "FLOAT16", "int32": "INT32"
                     "bfloat16": "BFLOAT16"}
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int32": np.int32}
 # HCCL waits this long (s) for the other ranks at a collective's first link-up; CANN's
-# default is 120 s, less than GE compiling one gear. A user's value is kept.
+# default is 120 s (range 120-7200, CANN environment-variable reference), less than GE
+# compiling one gear while the other ranks wait. A user's value is kept.
 CONNECT_TIMEOUT_ENV, CONNECT_TIMEOUT_S = "HCCL_CONNECT_TIMEOUT", "1800"
 # Per-rank GE compile cache and CANN work directory (see `rank_cache_dir`).
 GE_CACHE_ENV = "DSFLOW_GE_CACHE"
