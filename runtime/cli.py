@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -93,6 +94,10 @@ class _OrderedPrinter:
               help="Where the ranks run. Default: the target the artifacts were built for.")
 @click.option("--devices", default=None,
               help="Ascend card of each rank, comma-separated (e.g. 0,1,2,3). Default 0..tp-1.")
+@click.option("--allow-version-mismatch", is_flag=True,
+              help="ascend: run although the installed mindspore_lite's release differs "
+                   "from the MindSpore that exported the graphs (refused by default: GE's "
+                   "operator adapters change between releases).")
 @click.option("-q", "--quiet", is_flag=True, help="No timing summary on standard error.")
 @click.option("-v", "--verbose", is_flag=True,
               help="Show MindSpore's log lines, the workers' output, and the traceback of "
@@ -103,7 +108,8 @@ def main(artifacts: Path, prompts: tuple[str, ...], max_new_tokens: int, tempera
          stop_token_ids: tuple[int, ...], n: int, chat: bool, suffix: Optional[str],
          max_batch: Optional[int], max_seq_len: Optional[int], cache_mb: Optional[float],
          prefill_chunk: Optional[int], as_json: bool, verify: bool, device: Optional[str],
-         devices: Optional[str], quiet: bool, verbose: bool) -> None:
+         devices: Optional[str], allow_version_mismatch: bool, quiet: bool,
+         verbose: bool) -> None:
     """Generate text from a DeepSeek-Coder model exported by `dsexport build`.
 
     \b
@@ -128,6 +134,9 @@ def main(artifacts: Path, prompts: tuple[str, ...], max_new_tokens: int, tempera
         raise OptionError("--suffix (fill in the middle) and --chat cannot be combined")
     from dsflow.common.options import int_list
     from dsflow.runtime.engine import Engine
+    if allow_version_mismatch:  # read by each rank's Lite backend (runtime/backends/lite.py)
+        from dsflow.runtime.backends.lite import VERSION_OVERRIDE_ENV
+        os.environ[VERSION_OVERRIDE_ENV] = "1"
     try:
         params.check()
     except DsflowError as e:
