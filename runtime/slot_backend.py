@@ -35,7 +35,7 @@ class SlotBackend:
         self.shape = (cfg.num_layers, cfg.num_kv_heads // manifest.tp, cfg.head_dim)
         self.sigs = {k: manifest.signature(k) for k in ("prefill", "decode")}
         self.fixed_gears = sorted(batch_sizes) if batch_sizes else None
-        self.gears: list[int] = []
+        self.row_gears: list[int] = []
         self.cache: Optional[SlotCache] = None
 
     def _run(self, kind: str, inputs: list[np.ndarray]) -> tuple[np.ndarray, ...]:
@@ -50,7 +50,7 @@ class SlotBackend:
         """Allocate the slot cache (once per cluster start)."""
         self.cache = None  # free the old one first
         self.cache = SlotCache(*self.shape, slots, capacity, self.cache_dtype)
-        self.gears = self.fixed_gears or batch_gears(slots)
+        self.row_gears = self.fixed_gears or batch_gears(slots)
         return {"cache_bytes": self.cache.nbytes}
 
     def _window(self, slot_ids: np.ndarray, lengths: np.ndarray, kv_len: int, rows: int):
@@ -64,7 +64,7 @@ class SlotBackend:
     def prefill(self, slot_ids: np.ndarray, input_ids: np.ndarray, start: np.ndarray,
                 valid_length: np.ndarray, kv_len: int) -> np.ndarray:
         n = input_ids.shape[0]
-        rows = gear(n, self.gears, 1, "batch")
+        rows = gear(n, self.row_gears, 1, "batch")
         key, value = self._window(slot_ids, start, kv_len, rows)
         logits, k_new, v_new = self._run("prefill", self._inputs("prefill", {
             "input_ids": pad_rows(input_ids, rows, 0), "start": pad_rows(start, rows, 0),
@@ -76,7 +76,7 @@ class SlotBackend:
     def decode(self, slot_ids: np.ndarray, input_ids: np.ndarray, positions: np.ndarray,
                kv_len: int) -> np.ndarray:
         n = input_ids.shape[0]
-        rows = gear(n, self.gears, 1, "batch")
+        rows = gear(n, self.row_gears, 1, "batch")
         key, value = self._window(slot_ids, positions, kv_len, rows)
         logits, k_new, v_new = self._run("decode", self._inputs("decode", {
             "input_ids": pad_rows(input_ids, rows, 0), "positions": pad_rows(positions, rows, 0),

@@ -89,8 +89,8 @@ def test_ini_tiny_batch1_matches_signature_and_buckets():
         shape = ini["ge_graph_options"]["ge.inputShape"].split(";")
         assert [s.split(":")[0] for s in shape] == sorted(t.name for t in sig.inputs)
         gears = [g.split(",") for g in ini["ge_graph_options"]["ge.dynamicDims"].split(";")]
-        chunk = {BUCKETS[0]} if kind == "prefill" else set()  # seq: the smallest bucket
-        assert [set(map(int, g)) for g in gears] == [{b} | chunk for b in BUCKETS]
+        # only kv_len varies (a prefill chunk's seq is static: the smallest bucket)
+        assert [set(map(int, g)) for g in gears] == [{b} for b in BUCKETS]
         assert ini["ge_graph_options"]["ge.dynamicNodeType"] == "1"
 
 
@@ -132,9 +132,10 @@ def test_one_gear_is_written_as_static_shapes(buckets):
     n = buckets[0]
     pre = graph_options(lb.lite_config(graph_signature("prefill", CFG, 1, "float16"), buckets))
     dec = graph_options(lb.lite_config(graph_signature("decode", CFG, 2, "float16"), buckets))
-    assert pre == {"ge.inputShape": f"input_ids:1,{n};valid_length:1"}
-    assert dec == {"ge.inputShape": f"input_ids:1;key_cache:2,1,1,{n},8;positions:1;"
-                                    f"value_cache:2,1,1,{n},8"}
+    assert pre == {"ge.inputShape": f"input_ids:1,{n};key_window:2,1,2,{n},8;start:1;"
+                                    f"valid_length:1;value_window:2,1,2,{n},8"}
+    assert dec == {"ge.inputShape": f"input_ids:1;key_window:2,1,1,{n},8;positions:1;"
+                                    f"value_window:2,1,1,{n},8"}
 
 
 def ge_shapes_per_gear(graph_input_names: list, ini_text: str, by_name: bool) -> list:
@@ -167,7 +168,7 @@ def test_ge_pairs_every_input_with_its_own_shape_in_every_gear(kind, batch_sizes
                              lb.lite_config(sig, BUCKETS, batch_sizes), by_name)
     want = []
     for batch, length in lb.gears(BUCKETS, batch_sizes):
-        dims = {"batch": batch, "seq": length, "kv_len": length}
+        dims = {"batch": batch, "seq": BUCKETS[0], "kv_len": length}  # chunk: smallest bucket
         want.append({t.name: [d if isinstance(d, int) else dims[d] for d in t.shape]
                      for t in sig.inputs})
     assert got == want
@@ -414,7 +415,8 @@ def test_backend_refuses_off_gear_shapes_and_pads_batch(tmp_path, fake_lite, mon
                           np.full(3, 2, np.int32), 16)
     assert out.shape == (3, 64)
     pred = [c for c in fake_lite().CALLS if c[0] == "predict"][-1]
-    assert pred[2][:3] == [[4, 16], [4], [4]]  # padded up to the batch gear
+    assert [s[0] for s in pred[2]] == [4, 2, 4, 4, 2]  # padded up to the batch gear
+    assert pred[2][1][1] == 4 and pred[2][0] == [4, 16]  # windows too (axis 1: batch)
     out = backend.decode(slots, np.ones(3, np.int32), np.full(3, 2, np.int32), 16)
     assert out.shape == (3, 64) and list(out.argmax(1)) == [3 % 50 + 5] * 3
 
