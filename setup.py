@@ -15,6 +15,8 @@ setup(
     python_requires=">=3.9",
     packages=list(PACKAGES),
     package_dir=PACKAGES,
+    # the embedded default model (export/default_model.py), installed with the code
+    package_data={"dsflow.export": ["default_model_files/*"]},
     install_requires=[
         "mindspore==2.10.0",
         # mindspore 2.10 is built against numpy 1.x: with numpy 2, bf16 parameters fail

@@ -76,13 +76,22 @@ def _fail(message: str, code: int = 2) -> None:
               help="Where the ranks run. Default: the target the artifacts were built for.")
 @click.option("--devices", default=None,
               help="Ascend card of each rank, comma-separated (e.g. 0,1,2,3). Default 0..tp-1.")
+@click.option("--score", "score_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None,
+              help="Instead of generating, print the log-likelihood of this UTF-8 text file "
+                   "under the artifacts and its bits per byte (teacher forcing through the "
+                   "exported graphs).")
+@click.option("--score-window", type=int, default=None,
+              help="With --score: tokens of context per chunk (chunks do not overlap; each "
+                   "starts after <bos>). Default 256, the embedded default's training context.")
 @click.option("-q", "--quiet", is_flag=True, help="No timing summary on standard error.")
 @click.option("-v", "--verbose", is_flag=True,
               help="Show MindSpore's log lines and the workers' output.")
 def main(artifacts: Path, prompts: tuple[str, ...], max_new_tokens: int, temperature: float,
          top_k: int, top_p: float, seed: Optional[int], stops: tuple[str, ...], chat: bool,
          as_json: bool, verify: bool, device: Optional[str], devices: Optional[str],
-         quiet: bool, verbose: bool) -> None:
+         score_file: Optional[Path], score_window: Optional[int], quiet: bool,
+         verbose: bool) -> None:
     """Generate text from a DeepSeek-Coder model exported by `dsexport build`.
 
     \b
@@ -90,9 +99,13 @@ def main(artifacts: Path, prompts: tuple[str, ...], max_new_tokens: int, tempera
       dsrun --prompt "#write a quick sort algorithm" --max-new-tokens 100
       dsrun --chat --prompt "Write a Python function that reverses a list"
       dsrun --prompt "def add(a, b):" --prompt "// C: binary search" --json
+      dsrun --score some_module.py
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(name)s: %(message)s")
+    if score_file is not None:
+        _score(score_file, score_window, artifacts, as_json, verify, device, devices, verbose)
+        return
     if not prompts:
         if sys.stdin.isatty():
             _fail("no prompt: pass --prompt TEXT (repeatable) or pipe text on standard input")
@@ -136,3 +149,27 @@ def _run(engine, prompts: list[str], params: SamplingParams, chat: bool, as_json
         if event.finished is not None:
             results.append(event.finished)
     return sorted(results, key=lambda c: c.index)
+
+
+def _score(path: Path, window: Optional[int], artifacts: Path, as_json: bool, verify: bool,
+           device: Optional[str], devices: Optional[str], verbose: bool) -> None:
+    """dsrun --score: one line of figures (or a JSON object) for the file."""
+    from ..export.option_values import int_list
+    from .engine import Engine
+    from .scoring import DEFAULT_WINDOW, score_text
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        _fail(f"--score {path}: not UTF-8 text ({e.reason} at byte {e.start})")
+    try:
+        with Engine(artifacts, verbose=verbose, verify=verify, device=device,
+                    device_ids=int_list(devices, "--devices")) as engine:
+            result = score_text(engine, text, window or DEFAULT_WINDOW)
+    except DsflowError as e:
+        _fail(str(e))
+    if as_json:
+        click.echo(json.dumps({"file": str(path), **result.to_dict()}))
+    else:
+        click.echo(f"{path}: {result.bytes} bytes, {result.tokens} tokens, log-likelihood "
+                   f"{-result.nats:.1f} nats ({result.nats_per_token:.4f} nats/token), "
+                   f"{result.bits_per_byte:.4f} bits/byte")

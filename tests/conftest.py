@@ -103,3 +103,28 @@ def engine_for(export_tiny):
     for engine in _ENGINES.values():
         engine.close()
     _ENGINES.clear()
+
+
+_DEFAULT_ARTIFACTS: dict[int, Path] = {}
+_DEFAULT_ENGINES: dict[int, object] = {}
+
+
+@pytest.fixture(scope="session")
+def default_engine(tmp_path_factory):
+    """tp -> a running Engine on the shipped default model (fp32 export, built once per
+    tp per session)."""
+    from dsflow.export.build import BuildOptions, build
+    from dsflow.export.default_model import default_model_dir
+    from dsflow.runtime.engine import Engine
+
+    def get(tp: int):
+        if tp not in _DEFAULT_ENGINES:
+            out = tmp_path_factory.mktemp(f"default-tp{tp}") / "artifacts"
+            _DEFAULT_ARTIFACTS[tp] = build(BuildOptions(model_dir=default_model_dir(), out=out,
+                                                        tp=tp, max_seq_len=512))
+            _DEFAULT_ENGINES[tp] = Engine(_DEFAULT_ARTIFACTS[tp])
+        return _DEFAULT_ENGINES[tp]
+    yield get
+    for engine in _DEFAULT_ENGINES.values():
+        engine.close()
+    _DEFAULT_ENGINES.clear()

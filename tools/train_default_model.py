@@ -412,13 +412,15 @@ def train(run: Path, hp: Hyper, trial_seconds: float = 0.0, ckpt_every: int = 50
     print(f"done: {step} steps, {elapsed / 60:.1f} training minutes", flush=True)
 
 
-def export(run: Path, hp: Hyper, out: Path) -> None:
-    """The shipped files: bf16 safetensors, config, generation config, tokenizer."""
+def export(run: Path, hp: Hyper, out: Path, unfinished: bool = False) -> None:
+    """The shipped files: bf16 safetensors, config, generation config, tokenizer.
+    `unfinished` exports a mid-run checkpoint (for developing against; never to ship):
+    training.json then says so."""
     import shutil
     from safetensors.torch import save_file
     model, head = build(hp)
     step, elapsed = load_ckpt(run, model, head, None)
-    if step != hp.steps:
+    if step != hp.steps and not unfinished:
         sys.exit(f"{run / 'ckpt.pt'}: training is at step {step} of {hp.steps}; "
                  "finish it (run again without --export) before exporting")
     with torch.no_grad():
@@ -431,13 +433,41 @@ def export(run: Path, hp: Hyper, out: Path) -> None:
     (out / "generation_config.json").write_text(json.dumps({
         "bos_token_id": BOS_ID, "eos_token_id": [EOT_ID, EOS_ID], "do_sample": False,
     }, indent=2) + "\n")
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copyfile(run / "tokenizer" / f, out / f)
+    # the tokenizer trained with, saved compactly (24k filler entries make it large)
+    from tokenizers import Tokenizer
+    Tokenizer.from_file(str(run / "tokenizer" / "tokenizer.json")).save(
+        str(out / "tokenizer.json"), pretty=False)
+    shutil.copyfile(run / "tokenizer" / "tokenizer_config.json", out / "tokenizer_config.json")
+    write_licence_notes(out)
+    files = json.loads((run / "files.json").read_text())
+    train_files, held = split_files(files["files"], hp.heldout_every)
     (out / "training.json").write_text(json.dumps({
-        "steps": step, "train_minutes": round(elapsed / 60, 1),
-        "hyper": dataclasses.asdict(hp),
-        "tokens_seen": step * hp.batch * hp.seq}, indent=1) + "\n")
+        "steps": step, "finished": step == hp.steps, "train_minutes": round(elapsed / 60, 1),
+        "hyper": dataclasses.asdict(hp), "tokens_seen": step * hp.batch * hp.seq,
+        "python": files["python"], "train_files": len(train_files),
+        # paths relative to the standard library; never seen in training
+        "heldout_files": held}, indent=1) + "\n")
+    for f in out.iterdir():
+        f.chmod(0o644)  # safetensors writes 0600; installed package data must be readable
     print(f"exported step {step} to {out}")
+
+
+def write_licence_notes(out: Path) -> None:
+    """The PSF licence travels with a model derived from the standard library's source
+    (its terms ask derivative works to retain the licence and copyright notice)."""
+    import shutil
+    licence = stdlib_root() / "LICENSE.txt"
+    if licence.is_file():
+        shutil.copyfile(licence, out / "PSF-LICENSE.txt")
+    (out / "NOTICE.md").write_text(
+        "# dsflow embedded default model\n\n"
+        "A small model of the DeepSeek-Coder architecture trained from scratch by\n"
+        "tools/train_default_model.py on the source files of the Python standard library\n"
+        f"(Python {sys.version.split()[0]}; tests and site-packages excluded). The training\n"
+        "data is Copyright (c) Python Software Foundation and used under the PSF License\n"
+        "Agreement, reproduced in PSF-LICENSE.txt. The tokenizer is a byte-level BPE trained\n"
+        "on the same files; it is not DeepSeek's tokenizer. No DeepSeek weights or data\n"
+        "were used. See docs/DEFAULT_MODEL.md (the model card) for what it is for.\n")
 
 
 def main(argv=None) -> None:
@@ -448,6 +478,8 @@ def main(argv=None) -> None:
                     help="measure throughput for this many seconds and stop")
     ap.add_argument("--export", type=Path, default=None,
                     help="write the shipped model files from the finished run to this dir")
+    ap.add_argument("--unfinished", action="store_true",
+                    help="with --export: allow a mid-run checkpoint (development only)")
     for f in dataclasses.fields(Hyper):
         ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     args = ap.parse_args(argv)
@@ -460,7 +492,7 @@ def main(argv=None) -> None:
         return
     check_hyper(args.run_dir, hp)
     if args.export:
-        export(args.run_dir, hp, args.export)
+        export(args.run_dir, hp, args.export, args.unfinished)
     else:
         train(args.run_dir, hp)
 
