@@ -68,7 +68,7 @@ class Hyper:
     kv_heads: int = 4
     seq: int = 256
     batch: int = 8
-    steps: int = 800
+    steps: int = 560
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup: int = 30
