@@ -1,5 +1,5 @@
 """dsflow runtime: tokenizer, sampling, rank workers and the generating coordinator."""
-from .engine import Completion, Engine, StreamEvent
-from .sampling import SamplingParams
+from dsflow.runtime.engine import Completion, Engine, StreamEvent
+from dsflow.runtime.sampling import SamplingParams
 
 __all__ = ["Completion", "Engine", "SamplingParams", "StreamEvent"]

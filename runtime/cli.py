@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Optional
 
 import click
 
-from ..graphs.errors import DsflowError
-from .sampling import SamplingParams
+from dsflow.common.cli import (CONTEXT_SETTINGS, read_stdin_text, run_command, setup_logging,
+                               version_option)
+from dsflow.common.errors import DsflowError, OptionError
+from dsflow.runtime.sampling import SamplingParams
 
 
 class _OrderedPrinter:
@@ -43,12 +44,8 @@ class _OrderedPrinter:
                 click.echo(self.buffers[self.current], nl=False)
 
 
-def _fail(message: str, code: int = 2) -> None:
-    click.echo(f"dsrun: error: {message}", err=True)
-    sys.exit(code)
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CONTEXT_SETTINGS)
+@version_option("dsrun")
 @click.option("--artifacts", type=click.Path(path_type=Path), default="dsflow-artifacts",
               show_default=True, help="Directory written by `dsexport build`.")
 @click.option("--prompt", "prompts", multiple=True,
@@ -86,7 +83,9 @@ def _fail(message: str, code: int = 2) -> None:
                    "starts after <bos>). Default 256, the embedded default's training context.")
 @click.option("-q", "--quiet", is_flag=True, help="No timing summary on standard error.")
 @click.option("-v", "--verbose", is_flag=True,
-              help="Show MindSpore's log lines and the workers' output.")
+              help="Show MindSpore's log lines, the workers' output, and the traceback of "
+                   "a failure.")
+@run_command("dsrun")
 def main(artifacts: Path, prompts: tuple[str, ...], max_new_tokens: int, temperature: float,
          top_k: int, top_p: float, seed: Optional[int], stops: tuple[str, ...], chat: bool,
          as_json: bool, verify: bool, device: Optional[str], devices: Optional[str],
@@ -101,33 +100,29 @@ def main(artifacts: Path, prompts: tuple[str, ...], max_new_tokens: int, tempera
       dsrun --prompt "def add(a, b):" --prompt "// C: binary search" --json
       dsrun --score some_module.py
     """
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(name)s: %(message)s")
+    setup_logging(verbose)
     if score_file is not None:
         _score(score_file, score_window, artifacts, as_json, verify, device, devices, verbose)
         return
     if not prompts:
         if sys.stdin.isatty():
-            _fail("no prompt: pass --prompt TEXT (repeatable) or pipe text on standard input")
-        prompts = (sys.stdin.read(),)
+            raise DsflowError("no prompt: pass --prompt TEXT (repeatable) or pipe text on "
+                              "standard input")
+        prompts = (read_stdin_text(),)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                             top_k=top_k, top_p=top_p, seed=seed, stop=tuple(stops))
-    from ..export.option_values import int_list
-    from .engine import Engine
-    engine = None
+    from dsflow.common.options import int_list
+    from dsflow.runtime.engine import Engine
     try:
         params.check()
-        engine = Engine(artifacts, verbose=verbose, verify=verify, device=device,
-                        device_ids=int_list(devices, "--devices"))
-        results = _run(engine, list(prompts), params, chat, as_json)
     except DsflowError as e:
-        _fail(str(e))
-    except KeyboardInterrupt:
-        click.echo("\ndsrun: interrupted", err=True)
-        sys.exit(130)
+        raise OptionError(str(e)) from None
+    engine = Engine(artifacts, verbose=verbose, verify=verify, device=device,
+                    device_ids=int_list(devices, "--devices"))
+    try:
+        results = _run(engine, list(prompts), params, chat, as_json)
     finally:
-        if engine is not None:
-            engine.close()
+        engine.close()
     if not quiet and not as_json and results:
         r = results[0]
         n = sum(len(c.token_ids) for c in results)
@@ -154,19 +149,17 @@ def _run(engine, prompts: list[str], params: SamplingParams, chat: bool, as_json
 def _score(path: Path, window: Optional[int], artifacts: Path, as_json: bool, verify: bool,
            device: Optional[str], devices: Optional[str], verbose: bool) -> None:
     """dsrun --score: one line of figures (or a JSON object) for the file."""
-    from ..export.option_values import int_list
-    from .engine import Engine
-    from .scoring import DEFAULT_WINDOW, score_text
+    from dsflow.common.options import int_list
+    from dsflow.runtime.engine import Engine
+    from dsflow.runtime.scoring import DEFAULT_WINDOW, score_text
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        _fail(f"--score {path}: not UTF-8 text ({e.reason} at byte {e.start})")
-    try:
-        with Engine(artifacts, verbose=verbose, verify=verify, device=device,
-                    device_ids=int_list(devices, "--devices")) as engine:
-            result = score_text(engine, text, window or DEFAULT_WINDOW)
-    except DsflowError as e:
-        _fail(str(e))
+        raise OptionError(f"--score {path}: not UTF-8 text ({e.reason} at byte {e.start})"
+                          ) from None
+    with Engine(artifacts, verbose=verbose, verify=verify, device=device,
+                device_ids=int_list(devices, "--devices")) as engine:
+        result = score_text(engine, text, window or DEFAULT_WINDOW)
     if as_json:
         click.echo(json.dumps({"file": str(path), **result.to_dict()}))
     else:

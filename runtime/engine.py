@@ -20,12 +20,12 @@ from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from ..export.manifest import Manifest, read_manifest
-from ..graphs.errors import DsflowError
-from .cluster import Cluster
-from .kv_cache import plan_shapes
-from .sampling import Sampler, SamplingParams
-from .tokenizer import IncrementalDecoder, Tokenizer
+from dsflow.artifacts.manifest import Manifest, read_manifest
+from dsflow.common.errors import DsflowError
+from dsflow.runtime.cluster import Cluster
+from dsflow.runtime.kv_cache import plan_shapes
+from dsflow.runtime.sampling import Sampler, SamplingParams
+from dsflow.runtime.tokenizer import IncrementalDecoder, Tokenizer
 
 log = logging.getLogger("dsflow.engine")
 

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..graphs.errors import DsflowError
+from dsflow.common.errors import DsflowError
 
 KV_LEN_ALIGN = 64
 SEQ_ALIGN = 16

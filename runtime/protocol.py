@@ -20,10 +20,9 @@ Replies (worker -> coordinator):
 """
 from __future__ import annotations
 
-from ..graphs.errors import DsflowError
+from dsflow.common.errors import DsflowError
 
 AUTHKEY_ENV = "DSFLOW_AUTHKEY"
-OPS = ("prefill", "decode", "release", "exit")
 
 
 class WorkerError(DsflowError):

@@ -10,7 +10,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..graphs.errors import DsflowError
+from dsflow.common.errors import DsflowError
 
 
 class SamplingError(DsflowError):

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..graphs.errors import DsflowError
+from dsflow.common.errors import DsflowError
 
 DEFAULT_WINDOW = 256  # tokens of context per chunk; the embedded default was trained on 256
 CHUNKS_PER_CALL = 8   # forced_logits returns [chunks, window + 1, vocab] float32

@@ -18,10 +18,10 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterator, Optional
 
-from ..graphs.errors import DsflowError
-from .engine import Completion, Engine
-from .protocol import WorkerError
-from .sampling import SamplingParams
+from dsflow.common.errors import DsflowError
+from dsflow.runtime.engine import Completion, Engine
+from dsflow.runtime.protocol import WorkerError
+from dsflow.runtime.sampling import SamplingParams
 
 log = logging.getLogger("dsflow.server")
 MAX_BODY = 4 * 1024 * 1024

@@ -80,7 +80,7 @@ _ENGINES: dict[int, object] = {}
 @pytest.fixture(scope="session")
 def export_tiny(tiny_checkpoint, tmp_path_factory):
     """tp -> artifacts directory (built once per tp per session)."""
-    from dsflow.export.build import BuildOptions, build
+    from dsflow.export.pipeline.build import BuildOptions, build
 
     def get(tp: int) -> Path:
         if tp not in _ARTIFACTS:
@@ -113,8 +113,8 @@ _DEFAULT_ENGINES: dict[int, object] = {}
 def default_engine(tmp_path_factory):
     """tp -> a running Engine on the shipped default model (fp32 export, built once per
     tp per session)."""
-    from dsflow.export.build import BuildOptions, build
-    from dsflow.export.default_model import default_model_dir
+    from dsflow.export.pipeline.build import BuildOptions, build
+    from dsflow.export.pipeline.default_model import default_model_dir
     from dsflow.runtime.engine import Engine
 
     def get(tp: int):

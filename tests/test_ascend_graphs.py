@@ -18,9 +18,9 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import TINY
-from dsflow.export.cli_inspect import inspect as inspect_cmd
-from dsflow.export.inspect_mindir import inspect_artifacts, inspect_graph, op_arguments
-from dsflow.export.manifest import write_manifest
+from dsflow.export.cli.inspect import inspect as inspect_cmd
+from dsflow.export.pipeline.inspect_mindir import inspect_artifacts, inspect_graph, op_arguments
+from dsflow.artifacts.manifest import write_manifest
 from dsflow.graphs.config import config_from_hf_dict
 from dsflow.graphs.kernels import TARGET_DTYPES, TargetError, cache_dtype
 from dsflow.graphs.layers import WORLD_GROUP
@@ -53,9 +53,9 @@ SCATTER_REDUCE_UPDATE = 3
 
 
 def export_rank(root: Path, target: str, tp: int, rank: int) -> dict[str, Path]:
-    """What export/build.py does per rank, with seeded random weights instead of a
+    """What export/pipeline/build.py does per rank, with seeded random weights instead of a
     checkpoint: RankModel(cfg, tp, dtype, target) + export_graph per graph kind."""
-    from dsflow.export.mindir import export_graph
+    from dsflow.export.pipeline.mindir import export_graph
     from dsflow.graphs.model import RankModel
     dtype = TARGET_DTYPES[target]
     net = RankModel(CFG, tp, dtype, target=target)
@@ -76,7 +76,8 @@ def write_artifacts(root: Path, target: str, tp: int, files: dict[int, dict]) ->
                **graph_signature(kind, CFG, tp, cache_dtype(target, dtype)).to_dict()}
               for rank, by_kind in files.items() for kind, path in by_kind.items()]
     write_manifest(root, {"target": target, "dtype": dtype, "tp": tp,
-                          "model": CFG.to_dict(), "graphs": graphs})
+                          "model": CFG.to_dict(), "graphs": graphs,
+                          "kv_cache": {"dtype": cache_dtype(target, dtype), "max_seq_len": 64}})
     return root
 
 
@@ -153,7 +154,7 @@ def _as_dtype(tensors: list[dict], dtype: str) -> list[dict]:
 def test_both_targets_have_the_same_signature_and_parameters(graphs, tp, kind):
     """Identical names and shapes; the only dtype differences are the weights (cpu
     float32, ascend bfloat16) and the KV caches (ascend float16, which Lite can
-    allocate; graphs/kernels.py). Logits stay float32."""
+    allocate; graphs/kernels/__init__.py). Logits stay float32."""
     cpu, asc = graphs["cpu", tp, kind], graphs["ascend", tp, kind]
     for target, g in (("cpu", cpu), ("ascend", asc)):
         sig = graph_signature(kind, CFG, tp, cache_dtype(target, TARGET_DTYPES[target])).to_dict()
@@ -220,13 +221,13 @@ def test_dsexport_inspect_json_lines_and_table(exported):
 def test_dsexport_inspect_errors_are_one_line(exported, tmp_path, args, message):
     fill = {"missing": tmp_path / "nope", "art": exported["cpu", 1]}
     result = CliRunner().invoke(inspect_cmd, [a.format(**fill) for a in args])
-    assert result.exit_code == 2
+    assert result.exit_code == 1
     assert result.output.startswith("dsexport: error: ") and message in result.output
     assert len(result.output.strip().splitlines()) == 1
 
 
 def test_inspect_a_file_that_is_not_mindir(tmp_path):
-    from dsflow.export.inspect_mindir import InspectError
+    from dsflow.export.pipeline.inspect_mindir import InspectError
     bad = tmp_path / "decode.mindir"
     bad.write_bytes(b"\xff\xfe not protobuf \x00\x01")
     with pytest.raises(InspectError, match="not a MindIR file"):
@@ -253,9 +254,9 @@ def test_split_export_is_inspected_from_its_variables(exported, tmp_path, monkey
 
 
 def test_bf16_weights_arrive_as_bit_patterns_and_load_exactly():
-    """export/shard.py delivers bf16 as uint16 bit patterns (numpy has no bf16)."""
+    """export/weights/split.py delivers bf16 as uint16 bit patterns (numpy has no bf16)."""
     import mindspore as ms
-    from dsflow.export.dtypes import bf16_to_f32, f32_to_bf16
+    from dsflow.common.dtypes import bf16_to_f32, f32_to_bf16
     from dsflow.graphs.model import to_tensor
     bits = f32_to_bf16(np.array([1.0, -0.5, 3.14159, 1e-3], np.float32))
     t = to_tensor(bits, ms.bfloat16)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from dsflow.export.default_model import DEFAULT_MODEL_DIR, default_model_dir
+from dsflow.export.pipeline.default_model import DEFAULT_MODEL_DIR, default_model_dir
 from dsflow.runtime.sampling import SamplingParams
 from dsflow.runtime.scoring import score_text
 

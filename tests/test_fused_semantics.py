@@ -3,7 +3,7 @@
 For each operator, a `ref_*` function below is a numpy model of its DOCUMENTED semantics (MindSpore
 2.10 docstrings and the CANN operator docs: layout, scale_value, mask True = masked,
 num_key_value_heads head mapping, rotate_half, (y, rstd), Swiglu halves, scatter axis
-and offsets). The portable kernels (graphs/kernels_portable.py), which the CPU graphs
+and offsets). The portable kernels (graphs/kernels/portable.py), which the CPU graphs
 run, are executed by MindSpore in graph mode and must match these models; the Ascend
 kernels' plain-op parts (masks, lengths, offsets) run here too and feed the models.
 So the portable graphs and the fused ones compute the same function as far as it can
@@ -22,7 +22,7 @@ import mindspore as ms
 from mindspore import Tensor, nn
 
 from dsflow.graphs.config import ModelConfig
-from dsflow.graphs import kernels_ascend, kernels_portable
+from dsflow.graphs.kernels import ascend as kernels_ascend, portable as kernels_portable
 
 B, S, N, NKV, D, KV = 2, 6, 4, 2, 16, 8  # GQA: 2 query heads per KV head
 CFG = ModelConfig(vocab_size=64, hidden_size=N * D, intermediate_size=48, num_layers=1,

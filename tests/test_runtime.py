@@ -84,7 +84,7 @@ def test_prompt_too_long_for_cache(engine_for):
 
 def test_bad_inputs_give_one_line(export_tiny, tmp_path):
     r = dsrun("--artifacts", tmp_path / "missing", "--prompt", "x")
-    assert r.returncode == 2 and "no such artifacts directory" in r.stderr
+    assert r.returncode == 1 and "no such artifacts directory" in r.stderr
     assert "Traceback" not in r.stderr
     r = dsrun("--artifacts", export_tiny(1), "--prompt", "x", "--top-p", "1.5")
     assert r.returncode == 2 and "--top-p" in r.stderr and "Traceback" not in r.stderr
@@ -100,7 +100,7 @@ def test_altered_artifact_is_detected_by_verify(export_tiny, tmp_path):
     data[-10] ^= 0xFF
     target.write_bytes(bytes(data))
     r = dsrun("--artifacts", art, "--prompt", "x", "--verify")
-    assert r.returncode == 2 and "decode.mindir" in r.stderr and "sha256" in r.stderr
+    assert r.returncode == 1 and "decode.mindir" in r.stderr and "sha256" in r.stderr
 
 
 def test_failing_rank_is_reported_and_cluster_torn_down(export_tiny, tmp_path):

@@ -60,7 +60,7 @@ def test_cli_score_refuses_bad_input(export_tiny, tmp_path):
 
 
 def test_window_beyond_the_artifacts_is_refused(engine_for):
-    from dsflow.graphs.errors import DsflowError
+    from dsflow.common.errors import DsflowError
     engine = engine_for(1)
     with pytest.raises(DsflowError, match="--score-window"):
         score_text(engine, TEXT, engine.manifest.max_seq_len)

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dsflow.export.default_model import DEFAULT_MODEL_DIR
+from dsflow.export.pipeline.default_model import DEFAULT_MODEL_DIR
 from dsflow.runtime.scoring import DEFAULT_WINDOW, chunks
 from dsflow.runtime.tokenizer import Tokenizer
 

@@ -28,13 +28,11 @@ import tempfile
 import time
 from pathlib import Path
 
-TOKENIZER_ENV = "DSFLOW_BENCH_TOKENIZER"
-
 
 def make_checkpoint(path: Path, args) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-    from dsflow.export.default_model import default_model_dir
+    from dsflow.export.pipeline.default_model import default_model_dir
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=32256, hidden_size=args.hidden, intermediate_size=args.ffn,
                       num_hidden_layers=args.layers, num_attention_heads=args.heads,
@@ -191,7 +189,7 @@ def main() -> None:
     args.ckpt = work / "ckpt"
     if not (args.ckpt / "config.json").exists():
         make_checkpoint(args.ckpt, args)
-    from dsflow.export.build import BuildOptions, build
+    from dsflow.export.pipeline.build import BuildOptions, build
     tps = [int(t) for t in args.tp.split(",")]
     for tp in tps:
         art = work / f"art-tp{tp}"

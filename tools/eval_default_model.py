@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_default_model import BOS_ID, Hyper, prepare_data, stdlib_root  # noqa: E402
 
-from dsflow.export.default_model import DEFAULT_MODEL_DIR  # noqa: E402
+from dsflow.export.pipeline.default_model import DEFAULT_MODEL_DIR  # noqa: E402
 from dsflow.runtime.scoring import DEFAULT_WINDOW, chunks  # noqa: E402
 from dsflow.runtime.tokenizer import Tokenizer  # noqa: E402
 
@@ -55,7 +55,7 @@ def unigram_bits(train_stream: np.ndarray, ids: list[int]) -> float:
 
 
 def dsflow_bits_per_byte(text: str, tp: int) -> float:
-    from dsflow.export.build import BuildOptions, build
+    from dsflow.export.pipeline.build import BuildOptions, build
     from dsflow.runtime.engine import Engine
     from dsflow.runtime.scoring import score_text
     with tempfile.TemporaryDirectory() as tmp:
