@@ -14,7 +14,8 @@ by (seed, step), so a run resumed from its checkpoint continues exactly where it
 
     python tools/train_default_model.py --run-dir /work/train-run --trial 90   # throughput
     python tools/train_default_model.py --run-dir /work/train-run              # train/resume
-    python tools/train_default_model.py --run-dir /work/train-run --export DIR # ship files
+    python tools/train_default_model.py --run-dir /work/train-run \
+        --export export/pipeline/default_model_files                          # ship it
 
 Logs: RUN/log.jsonl (one line per step; eval lines carry held-out loss), RUN/ckpt.pt.
 """
