@@ -60,6 +60,19 @@ def make_hf_checkpoint(path: Path, seed: int = 0, safe: bool = True, dtype=None,
     return model
 
 
+def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    """transformers' generate, greedy, never choosing the padding rows (as dsflow)."""
+    import torch
+
+    def no_padding_rows(_input_ids, scores):
+        scores[:, REAL_VOCAB:] = -float("inf")
+        return scores
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                         logits_processor=[no_padding_rows], eos_token_id=None,
+                         pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny-hf")

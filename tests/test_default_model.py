@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import hf_greedy
 from dsflow.export.pipeline.default_model import DEFAULT_MODEL_DIR, default_model_dir
 from dsflow.runtime.sampling import SamplingParams
 from dsflow.runtime.scoring import score_text
 
-REAL_VOCAB = 32022
 CODE_PROMPTS = ["def quick_sort(arr):", "class Stack:", "import os\n"]
 NEW_TOKENS = 64
 HELDOUT_BYTES = 1200
@@ -83,14 +83,8 @@ def reference_tokens():
     tok = Tokenizer(DEFAULT_MODEL_DIR)
     model = LlamaForCausalLM.from_pretrained(DEFAULT_MODEL_DIR, dtype=torch.float32).eval()
     ids = [tok.encode(p) for p in CODE_PROMPTS]
-
-    def no_padding_rows(_input_ids, scores):  # dsflow never samples the padding rows
-        scores[:, REAL_VOCAB:] = -float("inf")
-        return scores
     with torch.no_grad():
-        outs = [model.generate(torch.tensor([i]), max_new_tokens=NEW_TOKENS, do_sample=False,
-                               logits_processor=[no_padding_rows], eos_token_id=None,
-                               pad_token_id=0)[0, len(i):].tolist() for i in ids]
+        outs = [hf_greedy(model, i, NEW_TOKENS) for i in ids]
     return ids, outs
 
 
