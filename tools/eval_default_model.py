@@ -69,7 +69,11 @@ def plot(run: Path, out: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    by_step = {}  # a resumed run logs again the steps after its last checkpoint: keep the last
+    for line in (run / "log.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        by_step[row["step"]] = row
+    rows = [by_step[s] for s in sorted(by_step)]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([r["tokens"] / 1e6 for r in rows], [r["loss"] for r in rows], lw=0.8,
             label="training batch")
@@ -91,6 +95,7 @@ def main() -> None:
     ap.add_argument("--run-dir", type=Path, default=Path("/work/train-run"))
     ap.add_argument("--plot", type=Path, default=None)
     ap.add_argument("--dsflow-bytes", type=int, default=0)
+    ap.add_argument("--files", type=int, default=0, help="only the first N held-out files")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -100,7 +105,7 @@ def main() -> None:
     model = LlamaForCausalLM.from_pretrained(DEFAULT_MODEL_DIR, dtype=torch.float32).eval()
     tok = Tokenizer(DEFAULT_MODEL_DIR)
     train_stream = prepare_data(args.run_dir, Hyper())["train"]
-    texts = heldout_texts()
+    texts = heldout_texts()[:args.files or None]
     n_bytes = sum(len(t.encode()) for t in texts)
     ids = [tok.encode(t, add_bos=False) for t in texts]
     n_tokens = sum(map(len, ids))
