@@ -73,10 +73,10 @@ class Hyper:
     kv_heads: int = 4
     seq: int = 256
     batch: int = 8
-    steps: int = 420
-    lr: float = 2e-3
+    steps: int = 800
+    lr: float = 3e-3
     min_lr_ratio: float = 0.1
-    warmup: int = 30
+    warmup: int = 40
     weight_decay: float = 0.1
     seed: int = 0
     heldout_every: int = 20       # 1 file in N (by hash of its path) is held out
