@@ -183,6 +183,12 @@ class RankModel(nn.Cell):
         return self.lm_head(self.model.norm(x)).astype(ms.float32)
 
 
+def last_token_rows(valid_length, seq):
+    """Row of each prompt's last real token in the flattened [batch * seq] activations:
+    b * seq + valid_length[b] - 1, in int32 like every index (never the compute dtype)."""
+    return iota_like(valid_length) * seq + valid_length - 1
+
+
 class PrefillGraph(nn.Cell):
     """(input_ids [b, s], valid_length [b]) -> (logits of each last real token, K, V).
 
@@ -208,13 +214,13 @@ class PrefillGraph(nn.Cell):
             x, k, v = layer.prefill(x, seq, m.rotary, cos, sin, m.attention, mask)
             keys = keys + (k,)
             values = values + (v,)
-        last = iota_like(valid_length) * seq + valid_length - 1
-        logits = m.logits(ops.gather(x, last, 0))
+        logits = m.logits(ops.gather(x, last_token_rows(valid_length, seq), 0))
         return logits, ops.stack(keys, 0), ops.stack(values, 0)
 
 
 class DecodeGraph(nn.Cell):
-    """(input_ids [b], positions [b], K, V) -> (logits [b, vocab/tp], K', V').
+    """(input_ids [b], K, positions [b], V) -> (logits [b, vocab/tp], K', V'); inputs in
+    name order like every signature (graphs/signatures.py).
 
     Position positions[b] of each cache is overwritten with the new token's K/V, and
     attention sees positions 0..positions[b]; anything a padded prefill left beyond
@@ -225,7 +231,7 @@ class DecodeGraph(nn.Cell):
         super().__init__(auto_prefix=False)
         self.net = net
 
-    def construct(self, input_ids, positions, key_cache, value_cache):
+    def construct(self, input_ids, key_cache, positions, value_cache):
         m = self.net
         ctx = m.attention.decode_begin(key_cache, value_cache, positions)
         cos, sin = m.rotary.cos_sin(ops.expand_dims(positions, 1))  # [b, 1, 1, hd]

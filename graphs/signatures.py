@@ -11,6 +11,13 @@ the runtime sizes the cache per request (padded prompt + max new tokens, at most
 Prefill returns the cache for the prompt positions only (kv_len = seq); the runtime
 pads it once to the request's length. Decode writes position `positions[b]` of
 sequence b and returns the whole updated cache, which is fed back on the next step.
+
+Inputs are listed in name order. GE (the Ascend graph engine) pairs the entries of
+`ge.inputShape` and the values of each dynamic-dims gear with the graph's Data nodes by
+position: current GE sorts the nodes by name first (CANN ge
+compiler/graph/preprocess/multi_batch_options.cc, SortDataNodesByName), older GE took
+them in graph order. With graph order = name order the two agree, and the Lite configs
+(export/pipeline/lite_build.py) can follow the signature; `check_input_order` enforces it.
 """
 from __future__ import annotations
 
@@ -54,6 +61,15 @@ class GraphSignature:
                 "outputs": [t.to_dict() for t in self.outputs]}
 
 
+def check_input_order(sig: GraphSignature) -> None:
+    """Refuse a signature whose inputs are not in name order (see the module docstring);
+    names compare bytewise, as GE's std::string does."""
+    names = [t.name for t in sig.inputs]
+    if names != sorted(names, key=str.encode):
+        raise ValueError(f"{sig.kind} graph inputs {names} are not in name order; GE pairs "
+                         "ge.inputShape with Data nodes sorted by name (graphs/signatures.py)")
+
+
 def cache_shape(cfg: ModelConfig, tp: int, kv_len: Dim = KV_LEN) -> tuple[Dim, ...]:
     sizes = rank_sizes(cfg, tp)
     return (sizes.layers, BATCH, sizes.kv_heads, kv_len, sizes.head_dim)
@@ -72,11 +88,13 @@ def graph_signature(kind: str, cfg: ModelConfig, tp: int, dtype: str) -> GraphSi
     elif kind == "decode":
         kv = cache_shape(cfg, tp)
         inputs = (TensorSpec("input_ids", (BATCH,), "int32"),
-                  TensorSpec("positions", (BATCH,), "int32"),
                   TensorSpec("key_cache", kv, dtype),
+                  TensorSpec("positions", (BATCH,), "int32"),
                   TensorSpec("value_cache", kv, dtype))
         outputs = (logits, TensorSpec("key_cache", kv, dtype),
                    TensorSpec("value_cache", kv, dtype))
     else:
         raise ValueError(f"unknown graph kind {kind!r}; expected one of {GRAPH_KINDS}")
-    return GraphSignature(kind, inputs, outputs)
+    sig = GraphSignature(kind, inputs, outputs)
+    check_input_order(sig)
+    return sig

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -81,6 +82,10 @@ class _OrderedPrinter:
 @click.option("--score-window", type=int, default=None,
               help="With --score: tokens of context per chunk (chunks do not overlap; each "
                    "starts after <bos>). Default 256, the embedded default's training context.")
+@click.option("--allow-version-mismatch", is_flag=True,
+              help="ascend: run although the installed mindspore_lite's release differs "
+                   "from the MindSpore that exported the graphs (refused by default: GE's "
+                   "operator adapters change between releases).")
 @click.option("-q", "--quiet", is_flag=True, help="No timing summary on standard error.")
 @click.option("-v", "--verbose", is_flag=True,
               help="Show MindSpore's log lines, the workers' output, and the traceback of "
@@ -89,8 +94,8 @@ class _OrderedPrinter:
 def main(artifacts: Path, prompts: tuple[str, ...], max_new_tokens: int, temperature: float,
          top_k: int, top_p: float, seed: Optional[int], stops: tuple[str, ...], chat: bool,
          as_json: bool, verify: bool, device: Optional[str], devices: Optional[str],
-         score_file: Optional[Path], score_window: Optional[int], quiet: bool,
-         verbose: bool) -> None:
+         allow_version_mismatch: bool, score_file: Optional[Path],
+         score_window: Optional[int], quiet: bool, verbose: bool) -> None:
     """Generate text from a DeepSeek-Coder model exported by `dsexport build`.
 
     \b
@@ -113,6 +118,9 @@ def main(artifacts: Path, prompts: tuple[str, ...], max_new_tokens: int, tempera
                             top_k=top_k, top_p=top_p, seed=seed, stop=tuple(stops))
     from dsflow.common.options import int_list
     from dsflow.runtime.engine import Engine
+    if allow_version_mismatch:  # read by each rank's Lite backend (runtime/backends/lite.py)
+        from dsflow.runtime.backends.lite import VERSION_OVERRIDE_ENV
+        os.environ[VERSION_OVERRIDE_ENV] = "1"
     try:
         params.check()
     except DsflowError as e:

@@ -147,6 +147,7 @@ class Engine:
         """device: "cpu" or "ascend" (default: what the artifacts were built for);
         device_ids: the card of each rank on Ascend (default 0..tp-1)."""
         self.manifest: Manifest = read_manifest(artifacts)
+        self.manifest.check_signatures()
         if verify:
             self.manifest.verify()
         self.device = check_device(self.manifest, device, device_ids)

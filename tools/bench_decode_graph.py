@@ -56,8 +56,10 @@ def time_graphs(paths: list[Path], rounds: int, calls: int, kv_len: int) -> None
     shape = (cfg["num_layers"], 1, cfg["num_kv_heads"],
              kv_len, cfg["hidden_size"] // cfg["num_heads"])
     rng = np.random.default_rng(1)
-    inputs = (Tensor(np.array([123], np.int32)), Tensor(np.array([kv_len // 2], np.int32)),
+    # decode inputs in signature (name) order: input_ids, key_cache, positions, value_cache
+    inputs = (Tensor(np.array([123], np.int32)),
               Tensor(rng.standard_normal(shape, dtype=np.float32)),
+              Tensor(np.array([kv_len // 2], np.int32)),
               Tensor(rng.standard_normal(shape, dtype=np.float32)))
     graphs = [nn.GraphCell(ms.load(str(p))) for p in paths]
     for g in graphs:  # compile + warm up

@@ -107,7 +107,7 @@ class Attention(nn.Cell):
     # ---- decode --------------------------------------------------------------------
     def decode_begin(self, key_cache, value_cache, positions):
         """Context: the caches, the padding mask, write offsets and valid lengths."""
-        slots = iota_like(key_cache[0, 0, 0, :, 0])  # [kv_len]
+        slots = iota_like(key_cache[0, 0, 0, :, 0])  # [kv_len] int32, not the fp16 cache dtype
         masked = ops.expand_dims(slots, 0) > ops.expand_dims(positions, 1)  # [b, kv_len]
         masked = ops.expand_dims(ops.expand_dims(masked, 1), 1)  # [b, 1, 1, kv_len]
         offsets = ops.cast(positions, ms.int64)

@@ -143,7 +143,7 @@ class Attention(nn.Cell):
         the cache per layer cost 2.5 ms each (30x an Unstack of all layers)."""
         key_layers = ops.unstack(key_cache, 0)
         value_layers = ops.unstack(value_cache, 0)
-        slots = iota_like(key_layers[0][0, 0, :, 0])  # [kv_len]
+        slots = iota_like(key_layers[0][0, 0, :, 0])  # [kv_len] int32
         visible = ops.expand_dims(slots, 0) < ops.expand_dims(positions, 1)  # [b, kv_len]
         visible = ops.expand_dims(ops.expand_dims(visible, 1), 1)  # [b, 1, 1, kv_len]
         return key_layers, value_layers, visible, positions

@@ -76,7 +76,7 @@ class MindSporeBackend:
             raise RuntimeError("decode before prefill: no KV cache")
         T = self._ms.Tensor
         logits, self.key_cache, self.value_cache = self.decode_graph(
-            T(input_ids), T(positions), self.key_cache, self.value_cache)
+            T(input_ids), self.key_cache, T(positions), self.value_cache)
         return logits.asnumpy()
 
     def release(self) -> None:

@@ -40,7 +40,7 @@ def kernel(model_path: str, arrays: list) -> list:
         keys[:] = ids[None, :, None, :, None]
         nxt = [next_token(ids[b, :lengths[b]].sum()) for b in range(ids.shape[0])]
         return [_logits(nxt, model_path, width), keys, keys * 2]
-    ids, pos, keys, values = arrays
+    ids, keys, pos, values = arrays
     if not np.array_equal(values, keys * 2):
         raise RuntimeError("value cache does not match the key cache")
     keys, values = keys.copy(), values.copy()
