@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random-weight DeepSeek-Coder-shaped checkpoints, their exports
-and one running cluster per tensor-parallel degree, shared by the whole session.
+and one running cluster per tensor-parallel degree, shared by the whole session; the
+same for the shipped (trained) default model, whose exports tests of numerics share.
 
 Real files from ../shared/models (the DeepSeek-Coder tokenizer and configs) are read
 in place, never copied into the repository; set DSFLOW_SHARED to point elsewhere.
