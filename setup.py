@@ -5,7 +5,8 @@ the namespace packages dsflow.graphs, dsflow.export and dsflow.runtime.
 """
 from setuptools import setup
 
-PACKAGES = {"dsflow.graphs": "graphs", "dsflow.export": "export", "dsflow.runtime": "runtime"}
+PACKAGES = {"dsflow.graphs": "graphs", "dsflow.export": "export", "dsflow.runtime": "runtime",
+            "dsflow.runtime.server": "runtime/server"}
 
 setup(
     name="dsflow",
@@ -23,13 +24,21 @@ setup(
         "tokenizers>=0.15",
         "click>=8.1",
         "jinja2>=3.0",
+        # dsserve: an ASGI app on uvicorn (flow control, disconnect detection, graceful
+        # drain), pydantic request models through fastapi, Prometheus text exposition
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
+        "prometheus-client>=0.19",
     ],
     extras_require={
-        "test": ["pytest>=7", "torch==2.13.0", "transformers>=4.40"],
+        "test": ["pytest>=7", "torch==2.13.0", "transformers>=4.40",
+                 # the server's tests: the official client against a live dsserve, and
+                 # httpx for the in-process ASGI tests
+                 "openai>=1.30", "httpx>=0.27"],
     },
     entry_points={"console_scripts": [
         "dsexport=dsflow.export.cli:main",
         "dsrun=dsflow.runtime.cli:main",
-        "dsserve=dsflow.runtime.serve_cli:main",
+        "dsserve=dsflow.runtime.server.cli:main",
     ]},
 )

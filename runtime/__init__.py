@@ -1,5 +1,8 @@
 """dsflow runtime: tokenizer, sampling, rank workers and the generating coordinator."""
-from .engine import Completion, Engine, StreamEvent
-from .sampling import SamplingParams
+from .engine import Engine
+from ._issue9_standin import (CacheLimitError, Completion, EngineClosedError, QueueFullError,
+                              RequestHandle, SamplingParams, StreamEvent, TokenLogprob,
+                              WorkerError)
 
-__all__ = ["Completion", "Engine", "SamplingParams", "StreamEvent"]
+__all__ = ["CacheLimitError", "Completion", "Engine", "EngineClosedError", "QueueFullError",
+           "RequestHandle", "SamplingParams", "StreamEvent", "TokenLogprob", "WorkerError"]

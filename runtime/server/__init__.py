@@ -1,0 +1,17 @@
+"""dsserve: an OpenAI-compatible HTTP server (FastAPI on uvicorn) over one Engine.
+
+    app.py          routes, streaming, disconnect and timeout handling
+    schemas.py      request validation (pydantic), unknown fields refused
+    errors.py       every failure as OpenAI's error shape, mapped in one place
+    responses.py    OpenAI's response and chunk shapes
+    generation.py   one request's sequences on the engine, as one event stream
+    supervisor.py   worker-cluster failure -> restart with backoff, or exit 3
+    lifecycle.py    uvicorn, SIGTERM drain, exit codes
+    metrics.py      /metrics (Prometheus)
+    access.py       access log and request counters
+    protocol.py     malformed-HTTP 400s in OpenAI's shape
+    cli.py          the `dsserve` command
+"""
+from .app import ServerOptions, create_app
+
+__all__ = ["ServerOptions", "create_app"]

@@ -1,0 +1,152 @@
+"""`dsserve`: the OpenAI-compatible server on one Engine, run by uvicorn.
+
+Exit codes, for a supervisor: 0 after SIGTERM/SIGINT (in-flight requests drained),
+2 for a start-up error (bad option, artifacts, port), 3 when the worker cluster failed
+and could not be restarted within --max-restarts.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from dsflow.graphs.errors import DsflowError
+
+log = logging.getLogger("dsflow.server")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    click.echo(f"dsserve: error: {message}", err=True)
+    sys.exit(code)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the (slow) engine start so that a taken port
+    fails at once; the rank workers do not inherit it (close_fds)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        _fail(f"--host {host} --port {port}: cannot listen ({e.strerror})")
+    return sock
+
+
+def _stop_startup(signum, frame) -> None:
+    # SIGTERM while the workers start: unwind through Engine's cleanup, exit 0
+    raise SystemExit(0)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"],
+                                 "max_content_width": 100})
+@click.option("--artifacts", type=click.Path(path_type=Path), default="dsflow-artifacts",
+              show_default=True, help="Directory written by `dsexport build`.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind. Anything but loopback should have --api-key.")
+@click.option("--port", type=int, default=8000, show_default=True, help="0 picks a free port.")
+@click.option("--api-key", envvar="DSSERVE_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on /v1/*. Also read from "
+                   "$DSSERVE_API_KEY (keeps it out of `ps`). Default: no authentication.")
+@click.option("--served-model-name", default=None,
+              help="The model name clients send and /v1/models lists. Default: from the "
+                   "artifacts.")
+@click.option("--device", type=click.Choice(["cpu", "ascend"]), default=None,
+              help="Where the ranks run. Default: the target the artifacts were built for.")
+@click.option("--devices", default=None,
+              help="Ascend card of each rank, comma-separated (e.g. 0,1,2,3). Default 0..tp-1.")
+@click.option("--verify", is_flag=True,
+              help="Check the sha256 of every artifact against the manifest before loading.")
+@click.option("--max-batch", type=int, default=None,
+              help="Sequences decoded together (engine slots). Default: the engine's.")
+@click.option("--max-queue", type=int, default=256, show_default=True,
+              help="Sequences waiting for a slot; beyond it requests get 429 + Retry-After.")
+@click.option("--max-prompts", type=int, default=16, show_default=True,
+              help="Sequences (prompts x n) one request may start.")
+@click.option("--max-body-kb", type=int, default=4096, show_default=True,
+              help="Largest request body; larger ones get 413.")
+@click.option("--request-timeout", type=float, default=600.0, show_default=True,
+              help="Seconds a request may take (queue + generation); then it is cancelled "
+                   "(504, or an error event in a stream). 0 = no limit.")
+@click.option("--shutdown-timeout", type=float, default=30.0, show_default=True,
+              help="On SIGTERM: seconds in-flight requests get to finish before they are "
+                   "cancelled.")
+@click.option("--max-restarts", type=int, default=3, show_default=True,
+              help="Restart attempts after the worker cluster fails, before exiting with "
+                   "code 3.")
+@click.option("--restart-backoff", type=float, default=1.0, show_default=True,
+              help="Seconds before the second restart attempt; doubles each attempt.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Access log and engine lines at INFO, and MindSpore's own output.")
+def main(artifacts: Path, host: str, port: int, api_key: Optional[str],
+         served_model_name: Optional[str], device: Optional[str], devices: Optional[str],
+         verify: bool, max_batch: Optional[int], max_queue: int, max_prompts: int,
+         max_body_kb: int, request_timeout: float, shutdown_timeout: float,
+         max_restarts: int, restart_backoff: float, verbose: bool) -> None:
+    """Serve an OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions,
+    /health, /metrics) from dsflow artifacts.
+
+    \b
+    Examples:
+      dsserve --artifacts ./ds67-tp4
+      DSSERVE_API_KEY=secret dsserve --artifacts ./ds67-tp4 --host 0.0.0.0 --port 8000
+    """
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from dsflow.export.option_values import int_list
+    for name, value, least in (("--max-queue", max_queue, 0), ("--max-prompts", max_prompts, 1),
+                               ("--max-body-kb", max_body_kb, 1),
+                               ("--max-restarts", max_restarts, 0)):
+        if value < least:
+            _fail(f"{name} {value}: must be at least {least}")
+    if api_key == "":
+        _fail("--api-key: empty key")
+    if not is_loopback(host) and api_key is None:
+        click.echo(f"dsserve: warning: listening on {host} without --api-key: anyone who can "
+                   "reach this address can use the model", err=True)
+    try:
+        device_ids = int_list(devices, "--devices")
+    except DsflowError as e:
+        _fail(str(e))
+    sock = bind(host, port)
+    signal.signal(signal.SIGTERM, _stop_startup)
+    from dsflow.runtime import Engine
+    try:
+        engine = Engine(artifacts, verbose=verbose, verify=verify, device=device,
+                        device_ids=device_ids, max_batch=max_batch, max_queue=max_queue)
+    except DsflowError as e:
+        sock.close()
+        _fail(str(e))
+    except SystemExit:
+        sock.close()
+        raise
+    from .app import ServerOptions
+    from .lifecycle import run
+    from .supervisor import RestartPolicy
+    options = ServerOptions(model_name=served_model_name or engine.model_name, api_key=api_key,
+                            max_prompts=max_prompts, max_body_bytes=max_body_kb * 1024,
+                            request_timeout_s=request_timeout or None)
+    policy = RestartPolicy(max_restarts=max_restarts, backoff_s=restart_backoff)
+    click.echo(f"dsserve: serving {options.model_name} on http://{host}:"
+               f"{sock.getsockname()[1]} (tp={engine.manifest.tp})", err=True)
+    try:
+        code = run(engine, sock, options, policy, shutdown_timeout)
+    finally:
+        engine.close()
+    sys.exit(code)
