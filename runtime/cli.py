@@ -10,6 +10,7 @@ from typing import Optional
 import click
 
 from ..graphs.errors import DsflowError
+from .cli_options import engine_options
 from .sampling import SamplingParams
 
 
@@ -49,8 +50,7 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--artifacts", type=click.Path(path_type=Path), default="dsflow-artifacts",
-              show_default=True, help="Directory written by `dsexport build`.")
+@engine_options
 @click.option("--prompt", "prompts", multiple=True,
               help="Prompt text; repeat for a batch (prompts may differ in length). "
                    "Without --prompt, the prompt is read from standard input.")
@@ -70,12 +70,6 @@ def _fail(message: str, code: int = 2) -> None:
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object per prompt (token ids, text, finish_reason, timings) "
                    "instead of streaming text.")
-@click.option("--verify", is_flag=True,
-              help="Check the sha256 of every artifact against the manifest before loading.")
-@click.option("--device", type=click.Choice(["cpu", "ascend"]), default=None,
-              help="Where the ranks run. Default: the target the artifacts were built for.")
-@click.option("--devices", default=None,
-              help="Ascend card of each rank, comma-separated (e.g. 0,1,2,3). Default 0..tp-1.")
 @click.option("-q", "--quiet", is_flag=True, help="No timing summary on standard error.")
 @click.option("-v", "--verbose", is_flag=True,
               help="Show MindSpore's log lines and the workers' output.")

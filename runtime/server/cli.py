@@ -17,6 +17,7 @@ from typing import Optional
 import click
 
 from dsflow.graphs.errors import DsflowError
+from dsflow.runtime.cli_options import engine_options
 
 log = logging.getLogger("dsflow.server")
 
@@ -56,8 +57,7 @@ def _stop_startup(signum, frame) -> None:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"],
                                  "max_content_width": 100})
-@click.option("--artifacts", type=click.Path(path_type=Path), default="dsflow-artifacts",
-              show_default=True, help="Directory written by `dsexport build`.")
+@engine_options
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind. Anything but loopback should have --api-key.")
 @click.option("--port", type=int, default=8000, show_default=True, help="0 picks a free port.")
@@ -67,12 +67,6 @@ def _stop_startup(signum, frame) -> None:
 @click.option("--served-model-name", default=None,
               help="The model name clients send and /v1/models lists. Default: from the "
                    "artifacts.")
-@click.option("--device", type=click.Choice(["cpu", "ascend"]), default=None,
-              help="Where the ranks run. Default: the target the artifacts were built for.")
-@click.option("--devices", default=None,
-              help="Ascend card of each rank, comma-separated (e.g. 0,1,2,3). Default 0..tp-1.")
-@click.option("--verify", is_flag=True,
-              help="Check the sha256 of every artifact against the manifest before loading.")
 @click.option("--max-batch", type=int, default=None,
               help="Sequences decoded together (engine slots). Default: the engine's.")
 @click.option("--max-queue", type=int, default=256, show_default=True,
@@ -150,3 +144,7 @@ def main(artifacts: Path, host: str, port: int, api_key: Optional[str],
     finally:
         engine.close()
     sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
