@@ -19,18 +19,24 @@ class EngineClosedError(DsflowError):
     pass
 
 
-@dataclass
+@dataclass(frozen=True)
 class SamplingParams:
-    max_new_tokens: int = 256
+    max_new_tokens: int = 128
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: Optional[int] = None
-    stop: list = field(default_factory=list)
-    stop_token_ids: list = field(default_factory=list)
+    stop: tuple = ()
+    stop_token_ids: tuple = ()
     ignore_eos: bool = False
     n: int = 1
     logprobs: Optional[int] = None
+    max_tokens: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.max_tokens is not None:
+            object.__setattr__(self, "max_new_tokens", self.max_tokens)
+        object.__setattr__(self, "max_tokens", self.max_new_tokens)
 
 
 @dataclass

@@ -12,7 +12,7 @@ import contextlib
 import hmac
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import AsyncIterator, Awaitable, Optional, TypeVar, Union
 
 import anyio
@@ -253,12 +253,15 @@ def create_app(engine, options: ServerOptions, supervisor: Supervisor,
 
     def sampling(req: Union[CompletionRequest, ChatRequest], max_tokens: int,
                  logprobs: Optional[int]) -> SamplingParams:
+        """The request's settings over the engine's defaults (generation_config.json):
+        what the client did not send keeps the model's default. max_tokens, not
+        max_new_tokens: replace() re-runs the alias in SamplingParams.__post_init__."""
         given = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k,
                  "seed": req.seed}
-        return SamplingParams(max_new_tokens=max_tokens, n=req.n, logprobs=logprobs,
-                              stop=list(req.stop), stop_token_ids=list(req.stop_token_ids),
-                              ignore_eos=req.ignore_eos,
-                              **{k: v for k, v in given.items() if v is not None})
+        return replace(
+            engine.default_params, max_tokens=max_tokens, n=req.n, logprobs=logprobs,
+            stop=tuple(req.stop), stop_token_ids=tuple(req.stop_token_ids),
+            ignore_eos=req.ignore_eos, **{k: v for k, v in given.items() if v is not None})
 
     async def respond(request: Request, req, prompts: list, params: SamplingParams,
                       chat: bool, suffix: Optional[str] = None,

@@ -70,7 +70,7 @@ def _stop_startup(signum, frame) -> None:
 @click.option("--max-batch", type=int, default=None,
               help="Sequences decoded together (engine slots). Default: the engine's.")
 @click.option("--max-queue", type=int, default=256, show_default=True,
-              help="Sequences waiting for a slot; beyond it requests get 429 + Retry-After.")
+              help="Requests waiting for a slot; beyond it requests get 429 + Retry-After.")
 @click.option("--max-prompts", type=int, default=16, show_default=True,
               help="Sequences (prompts x n) one request may start.")
 @click.option("--max-body-kb", type=int, default=4096, show_default=True,
@@ -104,7 +104,7 @@ def main(artifacts: Path, host: str, port: int, api_key: Optional[str],
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from dsflow.export.option_values import int_list
-    for name, value, least in (("--max-queue", max_queue, 0), ("--max-prompts", max_prompts, 1),
+    for name, value, least in (("--max-queue", max_queue, 1), ("--max-prompts", max_prompts, 1),
                                ("--max-body-kb", max_body_kb, 1),
                                ("--max-restarts", max_restarts, 0)):
         if value < least:

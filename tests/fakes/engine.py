@@ -133,6 +133,7 @@ class FakeEngine:
         self.tokenizer = Tokenizer(tokenizer_dir)
         self.manifest = SimpleNamespace(max_seq_len=max_seq_len, tp=1)
         self.model_name = model_name
+        self.default_params = SamplingParams()
         self.slots, self.max_queue, self.step_s = slots, max_queue, step_s
         self.words = word_ids(self.tokenizer)
         self.gate = threading.Event()   # cleared: the scheduler holds (no step runs)
@@ -169,8 +170,8 @@ class FakeEngine:
         with self._lock:
             if self.state != "ready":
                 raise EngineClosedError(f"engine is {self.state}")
-            if sum(h.params.n for h in self._waiting) + params.n > self.max_queue:
-                raise QueueFullError(f"queue full ({self.max_queue} waiting sequences)")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError(f"{self.max_queue} requests already waiting")
             self._waiting.append(handle)
             self.submitted.append(handle)
             self._lock.notify_all()
