@@ -7,6 +7,7 @@ Layout of an artifacts directory:
     manifest.json
     tokenizer/tokenizer.json, tokenizer/tokenizer_config.json
     rank<R>/prefill.mindir, rank<R>/decode.mindir   (or *_graph.mindir + *_variables/)
+    generation_config.json                          (if the checkpoint had one)
 """
 from __future__ import annotations
 
@@ -22,7 +23,11 @@ from .json_document import ModelDocument, read_json_document
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "dsflow-artifacts"
-FORMAT_VERSION = 1
+# 2: slot KV cache (graphs take a cache window and return the new K/V; prefill takes
+# chunks at a start position). Version 1 graphs cannot serve it.
+FORMAT_VERSION = 2
+OLDEST_VERSION = 2
+GENERATION_CONFIG = "generation_config.json"
 
 
 class ManifestError(DsflowError):
@@ -83,6 +88,16 @@ class Manifest(ModelDocument):
     def tokenizer_dir(self) -> Path:
         return self.root / "tokenizer"
 
+    @property
+    def model_name(self) -> str:
+        """The name a server reports by default: the artifacts directory's name."""
+        return self.root.resolve().name
+
+    def generation_config_path(self) -> Optional[Path]:
+        """The checkpoint's generation_config.json, if it had one."""
+        path = self.root / GENERATION_CONFIG
+        return path if path.is_file() else None
+
     def verify(self) -> None:
         """Every listed file is present, with its size and sha256 (reads all the bytes:
         `dsrun --verify` only, as a user may edit rank_table.json on purpose)."""
@@ -121,5 +136,6 @@ def read_manifest(root: str | Path) -> Manifest:
         raise ManifestError(f"{root}: no such artifacts directory (run `dsexport build` first, "
                             "or pass --artifacts DIR)")
     data = read_json_document(path, FORMAT, FORMAT_VERSION, ManifestError,
-                              f"{root} is not a finished dsflow build")
+                              f"{root} is not a finished dsflow build", OLDEST_VERSION,
+                              "rebuild the artifacts with this dsflow's `dsexport build`")
     return Manifest(root, data)

@@ -1,8 +1,10 @@
-"""dsflow runtime: tokenizer, sampling, rank workers and the generating coordinator."""
+"""dsflow runtime: tokenizer, sampling, rank workers and the continuous-batching engine."""
 from .engine import Engine
-from ._issue9_standin import (CacheLimitError, Completion, EngineClosedError, QueueFullError,
-                              RequestHandle, SamplingParams, StreamEvent, TokenLogprob,
-                              WorkerError)
+from .protocol import WorkerError
+from .requests import (Completion, EngineClosedError, QueueFullError, RequestHandle,
+                       StreamEvent)
+from .sampling import SamplingParams, TokenLogprob
+from .slot_cache import CacheLimitError
 
 __all__ = ["CacheLimitError", "Completion", "Engine", "EngineClosedError", "QueueFullError",
            "RequestHandle", "SamplingParams", "StreamEvent", "TokenLogprob", "WorkerError"]
