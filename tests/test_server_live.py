@@ -122,9 +122,9 @@ class Dsserve:
 
 @pytest.fixture(scope="module")
 def live(export_tiny):
-    server = Dsserve(export_tiny(1))
+    server = Dsserve(export_tiny(1), "--shutdown-timeout", "120")
     yield server
-    assert server.stop() == 0, "".join(server.lines[-30:])
+    assert server.stop() == 0, "".join(server.lines[-30:])  # also when already stopped
 
 
 def greedy(max_tokens: int) -> dict:
@@ -249,12 +249,18 @@ def test_rank_killed_under_load_then_recovery(export_tiny):
         out = client.completions.create(model=MODEL, prompt="y =", **greedy(4))
         assert out.usage.completion_tokens == 4
         assert "dsflow_engine_restarts_total 1.0" in server.get("/metrics").text
+        # a rank that dies while nothing runs: /health must notice without a request
+        os.kill(new[0], signal.SIGKILL)
+        assert "rank" in server.wait_health(ok=False, deadline_s=10).json()["detail"]
+        server.wait_health(ok=True, deadline_s=START_S)
+        assert "dsflow_engine_restarts_total 2.0" in server.get("/metrics").text
     finally:
         assert server.stop() == 0, "".join(server.lines[-30:])
 
 
-def test_sigterm_finishes_in_flight_requests_then_exits_0(export_tiny):
-    server = Dsserve(export_tiny(1), "--shutdown-timeout", "120")
+def test_sigterm_finishes_in_flight_requests_then_exits_0(live):
+    """Last in this file: it stops the module's server (saves a start-up)."""
+    server = live
     try:
         client = server.client()
         workers = children(server.proc.pid)  # ranks (and a scheduler at tp > 1)
