@@ -8,9 +8,11 @@ writes `convert_for_ascend.sh` with the exact commands and returns a notice. It 
 the per-graph entries to record in the manifest; writing the manifest stays with
 `export/build.py`.
 
-Shapes: the GE gears come from the same bucket list that `runtime.kv_cache.plan_shapes`
-pads to (prompt -> smallest bucket >= prompt, cache -> smallest bucket >= prompt + new
-tokens), so prefill `seq` gears and decode `kv_len` gears are both exactly the buckets.
+Shapes: the GE gears come from the same bucket list the runtime pads to
+(runtime/scheduler.py SlotPlan): a cache window's `kv_len` is the smallest bucket that
+holds the live length, so `kv_len` gears are exactly the buckets; prompts are prefilled
+in chunks of at most the smallest bucket, so the prefill `seq` dim has that one value
+(a gear per (seq, kv_len) pair would multiply the count past GE's 100).
 Input names, order and dynamic axes come from `graphs.signatures.graph_signature`.
 
 Batch: by default every graph is built for batch 1 (the batch dim is fixed to 1 in
@@ -122,11 +124,12 @@ def ge_input_shape(sig: GraphSignature, batch_sizes: Sequence[int] = DEFAULT_BAT
 
 def ge_dynamic_dims(sig: GraphSignature, buckets: Sequence[int],
                     batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES) -> str:
-    """One `;`-separated gear per (batch, bucket); each lists a value per -1, in order."""
+    """One `;`-separated gear per (batch, bucket); each lists a value per -1, in order
+    (kv_len = the bucket; a prefill chunk's seq = the smallest bucket)."""
     fixed = _fixed_batch(batch_sizes)
     rows = []
     for batch, length in gears(buckets, batch_sizes):
-        values = {BATCH: batch, SEQ: length, KV_LEN: length}
+        values = {BATCH: batch, SEQ: min(buckets), KV_LEN: length}
         rows.append(",".join(str(values[d]) for t in sig.inputs for d in t.shape
                              if not isinstance(d, int) and not (d == BATCH and fixed)))
     return ";".join(rows)

@@ -68,6 +68,11 @@ class Manifest(ModelDocument):
         return graph_signature(kind, self.config, self.tp, self.cache_dtype)
 
     @property
+    def kv_bytes_per_token(self) -> int:
+        """Keys and values of one token in one rank's slot cache."""
+        return kv_bytes_per_token(self.config, self.tp, self.cache_dtype)
+
+    @property
     def max_seq_len(self) -> int:
         return int(self.data["kv_cache"]["max_seq_len"])
 
@@ -112,13 +117,18 @@ class Manifest(ModelDocument):
                 raise ManifestError(f"{p}: sha256 differs from the manifest (altered)")
 
 
+def kv_bytes_per_token(cfg: ModelConfig, tp: int, dtype: str) -> int:
+    """Keys and values of one token in one rank's cache."""
+    return (2 * cfg.num_layers * (cfg.num_kv_heads // tp) * cfg.head_dim
+            * (4 if dtype == "float32" else 2))
+
+
 def kv_cache_section(cfg: ModelConfig, tp: int, dtype: str, max_seq_len: int) -> dict:
     """`dtype` is the cache's own dtype (graphs.kernels.cache_dtype)."""
     return {"layout": list(CACHE_LAYOUT), "dtype": dtype, "max_seq_len": max_seq_len,
             "layers": cfg.num_layers, "kv_heads_per_rank": cfg.num_kv_heads // tp,
             "head_dim": cfg.head_dim,
-            "bytes_per_token_per_rank": 2 * cfg.num_layers * (cfg.num_kv_heads // tp)
-            * cfg.head_dim * (4 if dtype == "float32" else 2)}
+            "bytes_per_token_per_rank": kv_bytes_per_token(cfg, tp, dtype)}
 
 
 def write_manifest(root: Path, data: dict) -> None:

@@ -55,7 +55,7 @@ def _fail(message: str, code: int = 2) -> None:
               help="Prompt text; repeat for a batch (prompts may differ in length). "
                    "Without --prompt, the prompt is read from standard input.")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True,
-              help="Stop after this many generated tokens.")
+              help="Stop after this many generated tokens (vLLM: max_tokens).")
 @click.option("--temperature", type=float, default=0.0, show_default=True,
               help="Sampling temperature; 0 = greedy (deterministic).")
 @click.option("--top-k", type=int, default=0, show_default=True,
@@ -65,8 +65,24 @@ def _fail(message: str, code: int = 2) -> None:
 @click.option("--seed", type=int, default=None, help="Random seed for sampling.")
 @click.option("--stop", "stops", multiple=True,
               help="Stop when this text is generated (not included in the output); repeatable.")
+@click.option("--stop-token-id", "stop_token_ids", type=int, multiple=True,
+              help="Also stop at this token id; repeatable.")
+@click.option("--n", "n", type=int, default=1, show_default=True,
+              help="Samples per prompt (they share the prompt's prefill).")
 @click.option("--chat", is_flag=True,
               help="Wrap each prompt in the model's chat template (instruct models).")
+@click.option("--suffix", default=None,
+              help="Fill in the middle: the prompt is the code before the hole, this the "
+                   "code after it (DeepSeek-Coder's FIM format).")
+@click.option("--max-batch", type=int, default=None,
+              help="Sequences the KV cache holds at once (default 8, or what --cache-mb holds).")
+@click.option("--max-seq-len", type=int, default=None,
+              help="Tokens (prompt + new) per sequence; default: the artifacts' maximum.")
+@click.option("--cache-mb", type=float, default=None,
+              help="KV cache budget per rank in MiB; sets how many sequences fit.")
+@click.option("--prefill-chunk", type=int, default=None,
+              help="Prompt tokens prefilled per step (default 256); long prompts take "
+                   "several steps, interleaved with decoding.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object per prompt (token ids, text, finish_reason, timings) "
                    "instead of streaming text.")
@@ -74,9 +90,11 @@ def _fail(message: str, code: int = 2) -> None:
 @click.option("-v", "--verbose", is_flag=True,
               help="Show MindSpore's log lines and the workers' output.")
 def main(artifacts: Path, prompts: tuple[str, ...], max_new_tokens: int, temperature: float,
-         top_k: int, top_p: float, seed: Optional[int], stops: tuple[str, ...], chat: bool,
-         as_json: bool, verify: bool, device: Optional[str], devices: Optional[str],
-         quiet: bool, verbose: bool) -> None:
+         top_k: int, top_p: float, seed: Optional[int], stops: tuple[str, ...],
+         stop_token_ids: tuple[int, ...], n: int, chat: bool, suffix: Optional[str],
+         max_batch: Optional[int], max_seq_len: Optional[int], cache_mb: Optional[float],
+         prefill_chunk: Optional[int], as_json: bool, verify: bool, device: Optional[str],
+         devices: Optional[str], quiet: bool, verbose: bool) -> None:
     """Generate text from a DeepSeek-Coder model exported by `dsexport build`.
 
     \b
@@ -84,6 +102,7 @@ def main(artifacts: Path, prompts: tuple[str, ...], max_new_tokens: int, tempera
       dsrun --prompt "#write a quick sort algorithm" --max-new-tokens 100
       dsrun --chat --prompt "Write a Python function that reverses a list"
       dsrun --prompt "def add(a, b):" --prompt "// C: binary search" --json
+      dsrun --prompt "def fib(n):" --suffix "    return a" --max-new-tokens 32
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(name)s: %(message)s")
@@ -92,14 +111,23 @@ def main(artifacts: Path, prompts: tuple[str, ...], max_new_tokens: int, tempera
             _fail("no prompt: pass --prompt TEXT (repeatable) or pipe text on standard input")
         prompts = (sys.stdin.read(),)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
-                            top_k=top_k, top_p=top_p, seed=seed, stop=tuple(stops))
+                            top_k=top_k, top_p=top_p, seed=seed, stop=tuple(stops),
+                            stop_token_ids=tuple(stop_token_ids), n=n)
+    if suffix is not None and chat:
+        _fail("--suffix (fill in the middle) and --chat cannot be combined")
     from ..export.option_values import int_list
     from .engine import Engine
     engine = None
     try:
         params.check()
         engine = Engine(artifacts, verbose=verbose, verify=verify, device=device,
-                        device_ids=int_list(devices, "--devices"))
+                        device_ids=int_list(devices, "--devices"), max_batch=max_batch,
+                        max_seq_len=max_seq_len, cache_mb=cache_mb,
+                        prefill_chunk=prefill_chunk)
+        if not quiet and not as_json:
+            click.echo(f"[{engine.plan.describe()}]", err=True)
+        if suffix is not None:
+            prompts = tuple(engine.encode(p, suffix=suffix) for p in prompts)
         results = _run(engine, list(prompts), params, chat, as_json)
     except DsflowError as e:
         _fail(str(e))
@@ -123,7 +151,7 @@ def _run(engine, prompts: list[str], params: SamplingParams, chat: bool, as_json
         for c in results:
             click.echo(json.dumps(c.to_dict(), ensure_ascii=False))
         return results
-    printer = _OrderedPrinter(len(prompts), show_headers=len(prompts) > 1)
+    printer = _OrderedPrinter(len(prompts) * params.n, show_headers=len(prompts) * params.n > 1)
     results = []
     for event in engine.stream(prompts, params, chat=chat):
         printer.add(event.index, event.text, event.finished is not None)

@@ -21,7 +21,7 @@ import concurrent.futures
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
@@ -29,7 +29,7 @@ import numpy as np
 from ..export.manifest import Manifest
 from ..graphs.errors import DsflowError
 from .cluster import Cluster
-from .requests import EngineClosedError, RequestHandle, StreamEvent, _SequenceState, Completion
+from .requests import Completion, RequestHandle, StreamEvent, _SequenceState
 from .sampling import Sampler, SamplingParams
 from .slot_cache import KV_ALIGN, SEQ_ALIGN, CacheLimitError, gear
 
@@ -84,7 +84,8 @@ def plan_slots(manifest: Manifest, max_batch: Optional[int] = None,
     """Slots and capacity from the options: capacity = --max-seq-len (default and limit:
     the artifacts' max_seq_len); slots = --max-batch, or as many as --cache-mb holds
     (both: the smaller), default 8. With shape buckets (Ascend) the capacity is rounded
-    up to a bucket and slots are capped by the largest batch gear."""
+    up to a bucket, slots are capped by the largest batch gear and chunks by the
+    smallest bucket (export/lite_build.py gears)."""
     limit = manifest.max_seq_len
     capacity = max_seq_len or limit
     if not 2 <= capacity <= limit:
@@ -93,7 +94,7 @@ def plan_slots(manifest: Manifest, max_batch: Optional[int] = None,
     buckets = tuple(manifest.buckets) if manifest.buckets else None
     if buckets:
         capacity = gear(capacity, buckets, 1, "--max-seq-len")
-    per_token = int(manifest.data["kv_cache"]["bytes_per_token_per_rank"])
+    per_token = manifest.kv_bytes_per_token
     if max_batch is not None and max_batch < 1:
         raise DsflowError(f"--max-batch {max_batch}: must be >= 1")
     slots = max_batch or DEFAULT_MAX_BATCH
@@ -110,6 +111,8 @@ def plan_slots(manifest: Manifest, max_batch: Optional[int] = None,
     chunk = prefill_chunk or DEFAULT_PREFILL_CHUNK
     if chunk < 1:
         raise DsflowError(f"--prefill-chunk {chunk}: must be >= 1")
+    if buckets:  # the prefill graphs have one chunk gear: the smallest bucket
+        chunk = min(chunk, buckets[0])
     return SlotPlan(slots, capacity, chunk, per_token, buckets)
 
 

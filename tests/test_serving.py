@@ -30,11 +30,13 @@ def tokens(handle) -> list[int]:
     return handle.result(timeout=T)[0].token_ids
 
 
-def first_events(handle, k: int) -> None:
-    """Consume k events (the request is then k steps into its decode)."""
+def first_events(handle, k: int):
+    """Consume k events (the request is then k steps into its decode). Returns the
+    iterator: the caller keeps it, as dropping an iterator early cancels the request."""
     it = iter(handle)
     for _ in range(k):
         next(it)
+    return it
 
 
 @pytest.mark.parametrize("tp", [1, 2])
@@ -49,7 +51,7 @@ def test_greedy_request_among_others_equals_alone_and_transformers(tp, small_eng
     # before and after the target, while it prefills and while it decodes
     a = engine.submit(PROMPTS[0], SamplingParams(max_new_tokens=40, temperature=0.8,
                                                  seed=3, ignore_eos=True))
-    first_events(a, 3)
+    reading = first_events(a, 3)
     b = engine.submit("x = [", SamplingParams(max_new_tokens=5, stop=["]"]))
     t = engine.submit(target, GREEDY)
     c = engine.submit(PROMPTS[2], SamplingParams(max_new_tokens=30, temperature=1.0, n=2,
@@ -57,6 +59,7 @@ def test_greedy_request_among_others_equals_alone_and_transformers(tp, small_eng
     assert tokens(t) == alone
     for h in (a, b, c):
         assert all(x.finish_reason in ("stop", "length") for x in h.result(timeout=T))
+    assert [e.text for e in reading]  # the rest of a's stream is still there
 
 
 def test_seeded_sampling_is_reproducible_whatever_shares_the_batch(small_engine_for):
@@ -64,11 +67,12 @@ def test_seeded_sampling_is_reproducible_whatever_shares_the_batch(small_engine_
     alone = tokens(engine.submit(PROMPTS[0], SAMPLED))
     noise = [engine.submit(p, SamplingParams(max_new_tokens=12, temperature=1.0,
                                              ignore_eos=True)) for p in PROMPTS[1:]]
-    first_events(noise[0], 2)
+    reading = first_events(noise[0], 2)
     crowded = engine.submit(PROMPTS[0], SAMPLED)
     assert tokens(crowded) == alone
     for h in noise:
         h.result(timeout=T)
+    del reading
     pair = [c.token_ids for c in engine.submit(PROMPTS[0], SamplingParams(
         max_new_tokens=16, temperature=0.9, top_k=40, seed=1234, n=2,
         ignore_eos=True)).result(timeout=T)]
@@ -129,8 +133,7 @@ def test_cancel_frees_the_slot(small_engine_for):
     engine = small_engine_for(1)
     long = SamplingParams(max_new_tokens=400, ignore_eos=True)
     busy = [engine.submit("while True:", long) for _ in range(SMALL["max_batch"])]
-    for h in busy:
-        first_events(h, 1)  # all slots taken
+    reading = [first_events(h, 1) for h in busy]  # all slots taken
     queued = engine.submit("def g():", SamplingParams(max_new_tokens=3, ignore_eos=True))
     assert engine.health()["waiting"] == 1
     busy[0].cancel()
@@ -144,6 +147,7 @@ def test_cancel_frees_the_slot(small_engine_for):
     while engine.health()["running"] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert engine.health()["running"] == 0
+    del reading
 
 
 def test_leaving_a_stream_early_cancels(small_engine_for):
@@ -218,11 +222,13 @@ def test_dying_rank_ends_every_request_then_restart(export_tiny):
     try:
         params = SamplingParams(max_new_tokens=400, ignore_eos=True)
         handles = [engine.submit(p, params) for p in ("a", "b = 1", "while True:", "x")]
-        first_events(handles[0], 2)
+        reading = first_events(handles[0], 2)
         engine.cluster.procs["rank1"].kill()
         for h in handles:  # three running, one waiting: all end with the rank named
             with pytest.raises(WorkerError, match="rank1|rank 1"):
                 h.result(timeout=T)
+        with pytest.raises(WorkerError):
+            list(reading)
         assert engine.health()["state"] == "failed"
         with pytest.raises(EngineClosedError, match="restart"):
             engine.submit("y", params)
