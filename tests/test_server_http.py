@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -515,3 +517,25 @@ def test_metrics(served):
     assert samples["dsflow_inter_token_latency_seconds_count"] >= 6
     assert samples["dsflow_queue_depth"] == 0 and samples["dsflow_slots"] == 8
     assert "dsflow_running_sequences" in samples and samples["dsflow_engine_ready"] == 1
+
+
+# ---- the command line -------------------------------------------------------------------
+def dsserve(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dsflow.runtime.server.cli", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_warns_without_key_off_loopback_and_fails_in_one_line(tmp_path):
+    r = dsserve("--host", "0.0.0.0", "--port", "0", "--artifacts", str(tmp_path / "none"))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert "without --api-key" in lines[0] and lines[1].startswith("dsserve: error:")
+    assert len(lines) == 2  # no traceback
+
+
+def test_cli_taken_port_fails_before_starting_workers(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        r = dsserve("--port", str(taken.getsockname()[1]), "--artifacts", str(tmp_path))
+    assert r.returncode == 2 and "cannot listen" in r.stderr and "warning" not in r.stderr

@@ -86,13 +86,15 @@ def _stop_startup(signum, frame) -> None:
                    "code 3.")
 @click.option("--restart-backoff", type=float, default=1.0, show_default=True,
               help="Seconds before the second restart attempt; doubles each attempt.")
+@click.option("--access-log/--no-access-log", default=True, show_default=True,
+              help="One line per request on standard error (logger dsflow.server.access).")
 @click.option("-v", "--verbose", is_flag=True,
-              help="Access log and engine lines at INFO, and MindSpore's own output.")
+              help="Engine lines at INFO, and MindSpore's own output.")
 def main(artifacts: Path, host: str, port: int, api_key: Optional[str],
          served_model_name: Optional[str], device: Optional[str], devices: Optional[str],
          verify: bool, max_batch: Optional[int], max_queue: int, max_prompts: int,
          max_body_kb: int, request_timeout: float, shutdown_timeout: float,
-         max_restarts: int, restart_backoff: float, verbose: bool) -> None:
+         max_restarts: int, restart_backoff: float, access_log: bool, verbose: bool) -> None:
     """Serve an OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions,
     /health, /metrics) from dsflow artifacts.
 
@@ -103,7 +105,8 @@ def main(artifacts: Path, host: str, port: int, api_key: Optional[str],
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from dsflow.export.option_values import int_list
+    logging.getLogger("dsflow.server.access").setLevel(
+        logging.INFO if access_log else logging.WARNING)
     for name, value, least in (("--max-queue", max_queue, 1), ("--max-prompts", max_prompts, 1),
                                ("--max-body-kb", max_body_kb, 1),
                                ("--max-restarts", max_restarts, 0)):
@@ -114,6 +117,7 @@ def main(artifacts: Path, host: str, port: int, api_key: Optional[str],
     if not is_loopback(host) and api_key is None:
         click.echo(f"dsserve: warning: listening on {host} without --api-key: anyone who can "
                    "reach this address can use the model", err=True)
+    from dsflow.export.option_values import int_list
     try:
         device_ids = int_list(devices, "--devices")
     except DsflowError as e:
@@ -133,13 +137,14 @@ def main(artifacts: Path, host: str, port: int, api_key: Optional[str],
     from .app import ServerOptions
     from .lifecycle import run
     from .supervisor import RestartPolicy
-    options = ServerOptions(model_name=served_model_name or engine.model_name, api_key=api_key,
-                            max_prompts=max_prompts, max_body_bytes=max_body_kb * 1024,
-                            request_timeout_s=request_timeout or None)
-    policy = RestartPolicy(max_restarts=max_restarts, backoff_s=restart_backoff)
-    click.echo(f"dsserve: serving {options.model_name} on http://{host}:"
-               f"{sock.getsockname()[1]} (tp={engine.manifest.tp})", err=True)
-    try:
+    try:  # from here on, any way out stops the workers
+        options = ServerOptions(model_name=served_model_name or engine.model_name,
+                                api_key=api_key, max_prompts=max_prompts,
+                                max_body_bytes=max_body_kb * 1024,
+                                request_timeout_s=request_timeout or None)
+        policy = RestartPolicy(max_restarts=max_restarts, backoff_s=restart_backoff)
+        click.echo(f"dsserve: serving {options.model_name} on http://{host}:"
+                   f"{sock.getsockname()[1]} (tp={engine.manifest.tp})", err=True)
         code = run(engine, sock, options, policy, shutdown_timeout)
     finally:
         engine.close()
