@@ -74,15 +74,6 @@ def _fail(message: str, code: int = 2) -> None:
 @click.option("--suffix", default=None,
               help="Fill in the middle: the prompt is the code before the hole, this the "
                    "code after it (DeepSeek-Coder's FIM format).")
-@click.option("--max-batch", type=int, default=None,
-              help="Sequences the KV cache holds at once (default 8, or what --cache-mb holds).")
-@click.option("--max-seq-len", type=int, default=None,
-              help="Tokens (prompt + new) per sequence; default: the artifacts' maximum.")
-@click.option("--cache-mb", type=float, default=None,
-              help="KV cache budget per rank in MiB; sets how many sequences fit.")
-@click.option("--prefill-chunk", type=int, default=None,
-              help="Prompt tokens prefilled per step (default 256); long prompts take "
-                   "several steps, interleaved with decoding.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object per prompt (token ids, text, finish_reason, timings) "
                    "instead of streaming text.")

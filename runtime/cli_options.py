@@ -1,5 +1,6 @@
-"""The options dsrun and dsserve share: which artifacts, where their ranks run, and
-whether the files are checked first. Declared once so both commands say the same."""
+"""The options dsrun and dsserve share: which artifacts, where their ranks run, whether
+the files are checked first, and how the engine sizes its KV cache. Declared once so
+both commands say the same; each is an Engine argument of the same name."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,6 +20,16 @@ ENGINE_OPTIONS = (
     click.option("--devices", default=None,
                  help="Ascend card of each rank, comma-separated (e.g. 0,1,2,3). Default "
                       "0..tp-1."),
+    click.option("--max-batch", type=int, default=None,
+                 help="Sequences the KV cache holds at once (default 8, or what --cache-mb "
+                      "holds)."),
+    click.option("--max-seq-len", type=int, default=None,
+                 help="Tokens (prompt + new) per sequence; default: the artifacts' maximum."),
+    click.option("--cache-mb", type=float, default=None,
+                 help="KV cache budget per rank in MiB; sets how many sequences fit."),
+    click.option("--prefill-chunk", type=int, default=None,
+                 help="Prompt tokens prefilled per step (default 256); long prompts take "
+                      "several steps, interleaved with decoding."),
 )
 
 

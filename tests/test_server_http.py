@@ -23,7 +23,7 @@ import pytest
 
 from conftest import TOKENIZER_DIR, require_shared
 from fakes.engine import FakeEngine, fake_token
-from dsflow.runtime.server.app import ServerOptions
+from dsflow.runtime.server.openai_api import ServerOptions
 from dsflow.runtime.server.cli import bind
 from dsflow.runtime.server.lifecycle import DsserveServer, build_server
 from dsflow.runtime.server.supervisor import RestartPolicy

@@ -1,6 +1,8 @@
 """dsserve: an OpenAI-compatible HTTP server (FastAPI on uvicorn) over one Engine.
 
-    app.py          routes, streaming, disconnect and timeout handling
+    app.py          the FastAPI app: routes, auth, error handlers, /health, /metrics
+    openai_api.py   completions and chat: request -> engine submissions -> body or stream
+    http_io.py      bounded body reading; disconnect and timeout watching; SSE response
     schemas.py      request validation (pydantic), unknown fields refused
     errors.py       every failure as OpenAI's error shape, mapped in one place
     responses.py    OpenAI's response and chunk shapes
@@ -12,6 +14,7 @@
     protocol.py     malformed-HTTP 400s in OpenAI's shape
     cli.py          the `dsserve` command
 """
-from .app import ServerOptions, create_app
+from .app import create_app
+from .openai_api import ServerOptions
 
 __all__ = ["ServerOptions", "create_app"]

@@ -67,8 +67,6 @@ def _stop_startup(signum, frame) -> None:
 @click.option("--served-model-name", default=None,
               help="The model name clients send and /v1/models lists. Default: from the "
                    "artifacts.")
-@click.option("--max-batch", type=int, default=None,
-              help="Sequences decoded together (engine slots). Default: the engine's.")
 @click.option("--max-queue", type=int, default=256, show_default=True,
               help="Requests waiting for a slot; beyond it requests get 429 + Retry-After.")
 @click.option("--max-prompts", type=int, default=16, show_default=True,
@@ -92,7 +90,8 @@ def _stop_startup(signum, frame) -> None:
               help="Engine lines at INFO, and MindSpore's own output.")
 def main(artifacts: Path, host: str, port: int, api_key: Optional[str],
          served_model_name: Optional[str], device: Optional[str], devices: Optional[str],
-         verify: bool, max_batch: Optional[int], max_queue: int, max_prompts: int,
+         verify: bool, max_batch: Optional[int], max_seq_len: Optional[int],
+         cache_mb: Optional[float], prefill_chunk: Optional[int], max_queue: int, max_prompts: int,
          max_body_kb: int, request_timeout: float, shutdown_timeout: float,
          max_restarts: int, restart_backoff: float, access_log: bool, verbose: bool) -> None:
     """Serve an OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions,
@@ -127,14 +126,15 @@ def main(artifacts: Path, host: str, port: int, api_key: Optional[str],
     from dsflow.runtime import Engine
     try:
         engine = Engine(artifacts, verbose=verbose, verify=verify, device=device,
-                        device_ids=device_ids, max_batch=max_batch, max_queue=max_queue)
+                        device_ids=device_ids, max_batch=max_batch, max_seq_len=max_seq_len,
+                        cache_mb=cache_mb, prefill_chunk=prefill_chunk, max_queue=max_queue)
     except DsflowError as e:
         sock.close()
         _fail(str(e))
     except SystemExit:
         sock.close()
         raise
-    from .app import ServerOptions
+    from .openai_api import ServerOptions
     from .lifecycle import run
     from .supervisor import RestartPolicy
     try:  # from here on, any way out stops the workers

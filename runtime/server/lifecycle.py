@@ -8,8 +8,9 @@ import threading
 
 import uvicorn
 
-from .app import ServerOptions, create_app
+from .app import create_app
 from .metrics import Metrics
+from .openai_api import ServerOptions
 from .protocol import OpenAIErrorH11Protocol
 from .supervisor import RestartPolicy, Supervisor
 

@@ -49,7 +49,8 @@ def parse_json_object(raw: bytes) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise bad_request(f"body is not valid JSON: {e}", code="invalid_json") from None
     except RecursionError:
-        raise bad_request("body is not valid JSON: nested too deeply", code="invalid_json") from None
+        raise bad_request("body is not valid JSON: nested too deeply",
+                          code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad_request("body must be a JSON object", code="invalid_json")
     _check_strings(body)

@@ -132,6 +132,7 @@ class FakeEngine:
                  max_seq_len: int = 512, step_s: float = 0.0, model_name: str = "fake-model"):
         self.tokenizer = Tokenizer(tokenizer_dir)
         self.manifest = SimpleNamespace(max_seq_len=max_seq_len, tp=1)
+        self.plan = SimpleNamespace(capacity=max_seq_len, slots=slots)
         self.model_name = model_name
         self.default_params = SamplingParams()
         self.slots, self.max_queue, self.step_s = slots, max_queue, step_s
@@ -162,10 +163,10 @@ class FakeEngine:
         ids = self.encode(prompt, chat, suffix)
         if not ids:
             raise CacheLimitError("empty prompt")
-        if len(ids) + params.max_new_tokens > self.manifest.max_seq_len:
+        if len(ids) + params.max_new_tokens > self.plan.capacity:
             raise CacheLimitError(f"prompt of {len(ids)} tokens + max_new_tokens "
                                   f"{params.max_new_tokens} exceeds the maximum sequence "
-                                  f"length {self.manifest.max_seq_len}")
+                                  f"length {self.plan.capacity}")
         handle = FakeHandle(self, ids, params)
         with self._lock:
             if self.state != "ready":
