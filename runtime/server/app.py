@@ -79,7 +79,7 @@ def create_app(engine, options: ServerOptions, supervisor: Supervisor,
     async def health() -> JSONResponse:
         engine_health: dict = {}
         if supervisor.state == "ready":
-            engine_health = await run_in_threadpool(engine.health)
+            engine_health = await supervisor.engine_health()
             if engine_health.get("state") == "failed":
                 supervisor.notify_failure()
         ok = supervisor.state == "ready" and engine_health.get("state") == "ready"

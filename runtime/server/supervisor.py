@@ -64,6 +64,13 @@ class Supervisor:
         self.state = "draining"
         log.warning("draining: no new requests; in-flight ones may finish")
 
+    async def engine_health(self) -> dict:
+        """engine.health(), off the event loop; an engine that cannot say is not serving."""
+        try:
+            return await run_in_threadpool(self.engine.health)
+        except Exception as e:
+            return {"state": "failed", "detail": f"health(): {e}"}
+
     # ---- the watch loop ---------------------------------------------------------------
     async def run(self) -> None:
         self._wake = asyncio.Event()
@@ -75,7 +82,7 @@ class Supervisor:
             self._wake.clear()
             if self.state != "ready":
                 continue
-            health = await run_in_threadpool(self.engine.health)
+            health = await self.engine_health()
             if health.get("state") == "failed":
                 await self._recover(health.get("detail", ""))
             elif time.monotonic() - self.ready_since > self.policy.stable_s:
