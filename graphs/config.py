@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from .errors import DsflowError
-from .json_io import read_json_object
+from dsflow.common.errors import DsflowError
+from dsflow.common.json_io import read_json_object
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 

@@ -2,7 +2,7 @@
 
 These cells own the weights (so parameter names and shapes never depend on the target);
 the arithmetic that differs between targets lives in the kernel sets
-(graphs/kernels_portable.py, graphs/kernels_ascend.py).
+(graphs/kernels/portable.py, graphs/kernels/ascend.py).
 
 Performance note, measured on MindSpore 2.10 CPU: `ops.matmul` of a 3-D activation
 by a 2-D weight broadcasts (copies) the whole weight on every call, which made decode

@@ -6,7 +6,7 @@ against the tensor-parallel plan. `PrefillGraph` and `DecodeGraph` wrap one
 `RankModel` (without adding a name prefix) with the signatures of
 `graphs.signatures`; each is exported to its own MindIR.
 
-`target` picks the kernel set (graphs/kernels.py): "cpu" builds the portable graphs
+`target` picks the kernel set (graphs/kernels/__init__.py): "cpu" builds the portable graphs
 from plain ops, "ascend" the same graphs from MindSpore's fused Ascend operators. The
 parameters, the signatures and the data flow between kernels are identical.
 """
@@ -18,10 +18,10 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from .config import ModelConfig
-from .kernels import kernel_set
-from .layers import Embedding, Linear, RankAllReduce, RMSNorm, iota_like
-from .tp_plan import padded_vocab
+from dsflow.graphs.config import ModelConfig
+from dsflow.graphs.kernels import kernel_set
+from dsflow.graphs.layers import Embedding, Linear, RankAllReduce, RMSNorm, iota_like
+from dsflow.graphs.tp_plan import PlanMismatchError, rank_sizes, weight_specs
 
 DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 
@@ -31,9 +31,9 @@ class Attention(nn.Cell):
 
     def __init__(self, cfg: ModelConfig, tp: int, dtype):
         super().__init__()
-        h, hd = cfg.hidden_size, cfg.head_dim
-        self.heads = cfg.num_heads // tp
-        self.kv_heads = cfg.num_kv_heads // tp
+        h, hd, sizes = cfg.hidden_size, cfg.head_dim, rank_sizes(cfg, tp)
+        self.heads = sizes.heads
+        self.kv_heads = sizes.kv_heads
         self.head_dim = hd
         self.q_proj = Linear(self.heads * hd, h, dtype)
         self.k_proj = Linear(self.kv_heads * hd, h, dtype)
@@ -73,7 +73,7 @@ class MLP(nn.Cell):
 
     def __init__(self, cfg: ModelConfig, tp: int, dtype):
         super().__init__()
-        ffn = cfg.intermediate_size // tp
+        ffn = rank_sizes(cfg, tp).ffn
         self.gate_proj = Linear(ffn, cfg.hidden_size, dtype)
         self.up_proj = Linear(ffn, cfg.hidden_size, dtype)
         self.down_proj = Linear(cfg.hidden_size, ffn, dtype)
@@ -141,10 +141,26 @@ class RankModel(nn.Cell):
         self.target = target
         self.dtype = DTYPES[dtype]
         self.model = LlamaModel(cfg, tp, self.dtype, kernels.rms_norm)
-        self.lm_head = Linear(padded_vocab(cfg, tp) // tp, cfg.hidden_size, self.dtype)
+        self.lm_head = Linear(rank_sizes(cfg, tp).vocab, cfg.hidden_size, self.dtype)
         self.rotary = kernels.rotary(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor,
                                      self.dtype)
         self.attention = kernels.attention(cfg, tp)
+        self._check_against_plan(tp)
+
+    def _check_against_plan(self, tp: int) -> None:
+        """Every parameter exists in the TP plan with the plan's per-rank shape."""
+        params = {p.name: tuple(p.shape) for p in self.get_parameters()}
+        for spec in weight_specs(self.cfg):
+            shape = params.pop(spec.name, None)
+            if shape is None:
+                raise PlanMismatchError(f"tensor {spec.name}: in the TP plan but not in the "
+                                        "rank model")
+            if shape != spec.rank_shape(tp):
+                raise PlanMismatchError(f"tensor {spec.name}: rank model shape {list(shape)} "
+                                        f"!= TP plan shape {list(spec.rank_shape(tp))}")
+        if params:
+            raise PlanMismatchError(f"tensor {sorted(params)[0]}: in the rank model but not "
+                                    "in the TP plan")
 
     def load(self, tensors: Iterable[tuple[str, np.ndarray]]) -> None:
         """Fill every parameter from (HF name, this rank's array) pairs, checking shapes."""
@@ -152,15 +168,16 @@ class RankModel(nn.Cell):
         missing = set(params)
         for name, arr in tensors:
             if name not in params:
-                raise KeyError(f"tensor {name!r} has no parameter in the rank graph")
+                raise PlanMismatchError(f"tensor {name}: has no parameter in the rank graph")
             p = params[name]
             if tuple(arr.shape) != tuple(p.shape):
-                raise ValueError(f"tensor {name!r}: rank shape {list(arr.shape)} != "
-                                 f"parameter shape {list(p.shape)}")
+                raise PlanMismatchError(f"tensor {name}: rank shape {list(arr.shape)} != "
+                                        f"parameter shape {list(p.shape)}")
             p.set_data(to_tensor(arr, self.dtype))
             missing.discard(name)
         if missing:
-            raise KeyError(f"no data for parameters: {sorted(missing)[:3]}")
+            raise PlanMismatchError(f"tensor {sorted(missing)[0]}: no data for it "
+                                    f"({len(missing)} parameter(s) missing)")
 
     def logits(self, x):
         return self.lm_head(self.model.norm(x)).astype(ms.float32)

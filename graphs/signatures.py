@@ -31,8 +31,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Union
 
-from .config import ModelConfig
-from .tp_plan import padded_vocab
+from dsflow.graphs.config import ModelConfig
+from dsflow.graphs.tp_plan import rank_sizes
 
 Dim = Union[int, str]
 
@@ -74,13 +74,14 @@ class GraphSignature:
 
 def cache_shape(cfg: ModelConfig, tp: int, kv_len: Dim = KV_LEN) -> tuple[Dim, ...]:
     """A window of the slot cache: [layers, batch, kv_heads / tp, kv_len, head_dim]."""
-    return (cfg.num_layers, BATCH, cfg.num_kv_heads // tp, kv_len, cfg.head_dim)
+    sizes = rank_sizes(cfg, tp)
+    return (sizes.layers, BATCH, sizes.kv_heads, kv_len, sizes.head_dim)
 
 
 def graph_signature(kind: str, cfg: ModelConfig, tp: int, dtype: str) -> GraphSignature:
     """The signature of one rank's graph. `dtype` is the KV-cache dtype
     (graphs.kernels.cache_dtype(target, weight dtype)); logits are always fp32."""
-    logits = TensorSpec("logits", (BATCH, padded_vocab(cfg, tp) // tp), "float32")
+    logits = TensorSpec("logits", (BATCH, rank_sizes(cfg, tp).vocab), "float32")
     window = (TensorSpec("key_window", cache_shape(cfg, tp), dtype),
               TensorSpec("value_window", cache_shape(cfg, tp), dtype))
     if kind == "prefill":

@@ -23,8 +23,8 @@ import math
 from dataclasses import dataclass
 from enum import Enum
 
-from .config import ModelConfig
-from .errors import DsflowError
+from dsflow.graphs.config import ModelConfig
+from dsflow.common.errors import DsflowError
 
 
 class Split(str, Enum):
@@ -36,6 +36,10 @@ class Split(str, Enum):
 
 class TPError(DsflowError):
     """A tensor-parallel degree the model cannot be split by."""
+
+
+class PlanMismatchError(DsflowError):
+    """Rank weights or a rank model that disagree with the TP plan (names the tensor)."""
 
 
 @dataclass(frozen=True)
@@ -116,3 +120,41 @@ def check_tp(cfg: ModelConfig, tp: int) -> None:
 def padded_vocab(cfg: ModelConfig, tp: int) -> int:
     """Logit columns the ranks return together (vocab rounded up to a multiple of tp)."""
     return math.ceil(cfg.vocab_size / tp) * tp
+
+
+@dataclass(frozen=True)
+class RankSizes:
+    """What one rank holds, derived from the config and tp in this one place.
+
+    The rank model, both kernel sets, the graph signatures, the memory planner and the
+    manifest read their per-rank sizes from here; the weight shapes of `weight_specs`
+    (`WeightSpec.rank_shape`) agree with them by construction, and `RankModel` checks
+    its parameters against the plan when it is built."""
+
+    tp: int
+    layers: int
+    hidden: int
+    head_dim: int
+    heads: int          # query heads on this rank
+    kv_heads: int       # KV heads on this rank
+    groups: int         # query heads per KV head (grouped-query attention)
+    ffn: int            # intermediate (MLP) features on this rank
+    vocab: int          # logit columns this rank returns (padded vocabulary / tp)
+    padded_vocab: int   # logit columns of all ranks together
+
+    @property
+    def q_features(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_features(self) -> int:
+        return self.kv_heads * self.head_dim
+
+
+def rank_sizes(cfg: ModelConfig, tp: int) -> RankSizes:
+    check_tp(cfg, tp)
+    return RankSizes(tp=tp, layers=cfg.num_layers, hidden=cfg.hidden_size,
+                     head_dim=cfg.head_dim, heads=cfg.num_heads // tp,
+                     kv_heads=cfg.num_kv_heads // tp, groups=cfg.num_groups,
+                     ffn=cfg.intermediate_size // tp, vocab=padded_vocab(cfg, tp) // tp,
+                     padded_vocab=padded_vocab(cfg, tp))

@@ -1,10 +1,10 @@
 """dsflow runtime: tokenizer, sampling, rank workers and the continuous-batching engine."""
-from .engine import Engine
-from .protocol import WorkerError
-from .requests import (Completion, EngineClosedError, QueueFullError, RequestHandle,
-                       StreamEvent)
-from .sampling import SamplingParams, TokenLogprob
-from .slot_cache import CacheLimitError
+from dsflow.runtime.engine import Engine
+from dsflow.runtime.protocol import WorkerError
+from dsflow.runtime.requests import (Completion, EngineClosedError, QueueFullError,
+                                     RequestHandle, StreamEvent)
+from dsflow.runtime.sampling import SamplingParams, TokenLogprob
+from dsflow.runtime.slot_cache import CacheLimitError
 
 __all__ = ["CacheLimitError", "Completion", "Engine", "EngineClosedError", "QueueFullError",
            "RequestHandle", "SamplingParams", "StreamEvent", "TokenLogprob", "WorkerError"]

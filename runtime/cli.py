@@ -2,16 +2,17 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Optional
 
 import click
 
-from ..graphs.errors import DsflowError
-from .cli_options import engine_options
-from .sampling import SamplingParams
+from dsflow.common.cli import (CONTEXT_SETTINGS, read_stdin_text, run_command, setup_logging,
+                               version_option)
+from dsflow.common.errors import DsflowError, OptionError
+from dsflow.runtime.cli_options import engine_options
+from dsflow.runtime.sampling import SamplingParams
 
 
 class _OrderedPrinter:
@@ -44,12 +45,8 @@ class _OrderedPrinter:
                 click.echo(self.buffers[self.current], nl=False)
 
 
-def _fail(message: str, code: int = 2) -> None:
-    click.echo(f"dsrun: error: {message}", err=True)
-    sys.exit(code)
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CONTEXT_SETTINGS)
+@version_option("dsrun")
 @engine_options
 @click.option("--prompt", "prompts", multiple=True,
               help="Prompt text; repeat for a batch (prompts may differ in length). "
@@ -79,7 +76,9 @@ def _fail(message: str, code: int = 2) -> None:
                    "instead of streaming text.")
 @click.option("-q", "--quiet", is_flag=True, help="No timing summary on standard error.")
 @click.option("-v", "--verbose", is_flag=True,
-              help="Show MindSpore's log lines and the workers' output.")
+              help="Show MindSpore's log lines, the workers' output, and the traceback of "
+                   "a failure.")
+@run_command("dsrun")
 def main(artifacts: Path, prompts: tuple[str, ...], max_new_tokens: int, temperature: float,
          top_k: int, top_p: float, seed: Optional[int], stops: tuple[str, ...],
          stop_token_ids: tuple[int, ...], n: int, chat: bool, suffix: Optional[str],
@@ -95,39 +94,34 @@ def main(artifacts: Path, prompts: tuple[str, ...], max_new_tokens: int, tempera
       dsrun --prompt "def add(a, b):" --prompt "// C: binary search" --json
       dsrun --prompt "def fib(n):" --suffix "    return a" --max-new-tokens 32
     """
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(name)s: %(message)s")
+    setup_logging(verbose)
     if not prompts:
         if sys.stdin.isatty():
-            _fail("no prompt: pass --prompt TEXT (repeatable) or pipe text on standard input")
-        prompts = (sys.stdin.read(),)
+            raise DsflowError("no prompt: pass --prompt TEXT (repeatable) or pipe text on "
+                              "standard input")
+        prompts = (read_stdin_text(),)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                             top_k=top_k, top_p=top_p, seed=seed, stop=tuple(stops),
                             stop_token_ids=tuple(stop_token_ids), n=n)
     if suffix is not None and chat:
-        _fail("--suffix (fill in the middle) and --chat cannot be combined")
-    from ..export.option_values import int_list
-    from .engine import Engine
-    engine = None
+        raise OptionError("--suffix (fill in the middle) and --chat cannot be combined")
+    from dsflow.common.options import int_list
+    from dsflow.runtime.engine import Engine
     try:
         params.check()
-        engine = Engine(artifacts, verbose=verbose, verify=verify, device=device,
-                        device_ids=int_list(devices, "--devices"), max_batch=max_batch,
-                        max_seq_len=max_seq_len, cache_mb=cache_mb,
-                        prefill_chunk=prefill_chunk)
+    except DsflowError as e:
+        raise OptionError(str(e)) from None
+    engine = Engine(artifacts, verbose=verbose, verify=verify, device=device,
+                    device_ids=int_list(devices, "--devices"), max_batch=max_batch,
+                    max_seq_len=max_seq_len, cache_mb=cache_mb, prefill_chunk=prefill_chunk)
+    try:
         if not quiet and not as_json:
             click.echo(f"[{engine.plan.describe()}]", err=True)
         if suffix is not None:
             prompts = tuple(engine.encode(p, suffix=suffix) for p in prompts)
         results = _run(engine, list(prompts), params, chat, as_json)
-    except DsflowError as e:
-        _fail(str(e))
-    except KeyboardInterrupt:
-        click.echo("\ndsrun: interrupted", err=True)
-        sys.exit(130)
     finally:
-        if engine is not None:
-            engine.close()
+        engine.close()
     if not quiet and not as_json and results:
         r = results[0]
         n = sum(len(c.token_ids) for c in results)

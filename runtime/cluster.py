@@ -28,8 +28,8 @@ from multiprocessing.connection import Connection, Listener, wait
 from pathlib import Path
 from typing import Any, Optional
 
-from .backend_mindspore import THREADS_ENV
-from .protocol import AUTHKEY_ENV, WorkerError
+from dsflow.runtime.backends.mindspore import THREADS_ENV
+from dsflow.runtime.protocol import AUTHKEY_ENV, WorkerError
 
 log = logging.getLogger("dsflow.cluster")
 

@@ -26,17 +26,17 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from ..export.manifest import Manifest, read_manifest
-from ..graphs.errors import DsflowError
-from .cluster import Cluster
-from .generation_config import GenerationConfig
-from .protocol import WorkerError
-from .requests import (Completion, EngineClosedError, QueueFullError, RequestHandle,
-                       StreamEvent)
-from .sampling import SamplingParams
-from .scheduler import Scheduler, SlotPlan, plan_slots
-from .slot_cache import CacheLimitError
-from .tokenizer import Tokenizer
+from dsflow.artifacts.manifest import Manifest, read_manifest
+from dsflow.common.errors import DsflowError
+from dsflow.runtime.cluster import Cluster
+from dsflow.runtime.generation_config import GenerationConfig
+from dsflow.runtime.protocol import WorkerError
+from dsflow.runtime.requests import (Completion, EngineClosedError, QueueFullError,
+                                     RequestHandle, StreamEvent)
+from dsflow.runtime.sampling import SamplingParams
+from dsflow.runtime.scheduler import Scheduler, SlotPlan, plan_slots
+from dsflow.runtime.slot_cache import CacheLimitError
+from dsflow.runtime.tokenizer import Tokenizer
 
 log = logging.getLogger("dsflow.engine")
 

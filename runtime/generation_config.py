@@ -12,9 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from ..graphs.errors import DsflowError
-from ..graphs.json_io import read_json_object
-from .sampling import SamplingParams
+from dsflow.common.errors import DsflowError
+from dsflow.common.json_io import read_json_object
+from dsflow.runtime.sampling import SamplingParams
 
 TRANSFORMERS_TOP_K = 50  # GenerationConfig's default top_k
 

@@ -25,10 +25,9 @@ Replies (worker -> coordinator):
 """
 from __future__ import annotations
 
-from ..graphs.errors import DsflowError
+from dsflow.common.errors import DsflowError
 
 AUTHKEY_ENV = "DSFLOW_AUTHKEY"
-OPS = ("configure", "prefill", "decode", "copy_slot", "stats", "exit")
 
 
 class WorkerError(DsflowError):

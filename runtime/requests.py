@@ -11,9 +11,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Iterator, Optional, Union
 
-from ..graphs.errors import DsflowError
-from .sampling import SamplingParams, TokenLogprob
-from .tokenizer import IncrementalDecoder, Tokenizer
+from dsflow.common.errors import DsflowError
+from dsflow.runtime.sampling import SamplingParams, TokenLogprob
+from dsflow.runtime.tokenizer import IncrementalDecoder, Tokenizer
 
 
 class QueueFullError(DsflowError):

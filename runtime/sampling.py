@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..graphs.errors import DsflowError
+from dsflow.common.errors import DsflowError
 
 MAX_LOGPROBS = 20  # as vLLM's default cap
 

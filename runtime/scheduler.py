@@ -26,12 +26,12 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ..export.manifest import Manifest
-from ..graphs.errors import DsflowError
-from .cluster import Cluster
-from .requests import Completion, RequestHandle, StreamEvent, _SequenceState
-from .sampling import Sampler, SamplingParams
-from .slot_cache import KV_ALIGN, SEQ_ALIGN, CacheLimitError, gear
+from dsflow.artifacts.manifest import Manifest
+from dsflow.common.errors import DsflowError
+from dsflow.runtime.cluster import Cluster
+from dsflow.runtime.requests import Completion, RequestHandle, StreamEvent, _SequenceState
+from dsflow.runtime.sampling import Sampler, SamplingParams
+from dsflow.runtime.slot_cache import KV_ALIGN, SEQ_ALIGN, CacheLimitError, gear
 
 log = logging.getLogger("dsflow.scheduler")
 
@@ -85,7 +85,7 @@ def plan_slots(manifest: Manifest, max_batch: Optional[int] = None,
     the artifacts' max_seq_len); slots = --max-batch, or as many as --cache-mb holds
     (both: the smaller), default 8. With shape buckets (Ascend) the capacity is rounded
     up to a bucket, slots are capped by the largest batch gear and chunks by the
-    smallest bucket (export/lite_build.py gears)."""
+    smallest bucket (export/pipeline/lite_build.py gears)."""
     limit = manifest.max_seq_len
     capacity = max_seq_len or limit
     if not 2 <= capacity <= limit:
@@ -105,7 +105,7 @@ def plan_slots(manifest: Manifest, max_batch: Optional[int] = None,
                               f"{capacity} tokens ({capacity * per_token / 2**20:.1f} MiB "
                               "per rank); raise it or lower --max-seq-len")
         slots = min(max_batch, fit) if max_batch else fit
-    gears = (manifest.data.get("lite") or {}).get("batch_sizes")
+    gears = manifest.lite.get("batch_sizes")
     if gears:
         slots = min(slots, max(gears))
     chunk = prefill_chunk or DEFAULT_PREFILL_CHUNK

@@ -11,8 +11,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..export.manifest import Manifest
-from .slot_cache import SlotCache, batch_gears, gear
+from dsflow.artifacts.manifest import Manifest
+from dsflow.runtime.slot_cache import SlotCache, batch_gears, gear
 
 
 def pad_rows(a: np.ndarray, rows: int, fill: int) -> np.ndarray:

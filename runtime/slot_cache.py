@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..graphs.errors import DsflowError
+from dsflow.common.errors import DsflowError
 
 KV_ALIGN = 128
 SEQ_ALIGN = 16
@@ -84,8 +84,12 @@ class SlotCache:
         out = []
         for cache in (self.key, self.value):
             shape = (cache.shape[0], rows, cache.shape[2], kv_len, cache.shape[4])
-            win = np.zeros(shape, cache.dtype)
-            win[:, :len(slot_ids)] = cache[:, slot_ids, :, :kv_len]
+            win = np.empty(shape, cache.dtype)
+            # one copy per slot straight into the window (fancy indexing would copy the
+            # whole window twice: measured 2x slower at 16 rows)
+            for i, slot in enumerate(slot_ids.tolist()):
+                win[:, i] = cache[:, slot, :, :kv_len]
+            win[:, len(slot_ids):] = 0
             out.append(win)
         return out[0], out[1]
 

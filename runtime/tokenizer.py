@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-from ..graphs.errors import DsflowError
+from dsflow.common.errors import DsflowError
 
 
 class TokenizerError(DsflowError):

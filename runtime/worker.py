@@ -15,7 +15,7 @@ import time
 import traceback
 from multiprocessing.connection import Client
 
-from .protocol import AUTHKEY_ENV
+from dsflow.runtime.protocol import AUTHKEY_ENV
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -75,15 +75,15 @@ def _serve(conn, backend) -> None:
 def make_backend(manifest, rank: int, device: str, device_id: int):
     """The only place the device matters: MindSpore GraphCell on CPU, or Lite on Ascend."""
     if device == "ascend":
-        from .backend_lite import LiteBackend
+        from dsflow.runtime.backends.lite import LiteBackend
         return LiteBackend(manifest, rank, device_id)
-    from .backend_mindspore import MindSporeBackend, init_mindspore
+    from dsflow.runtime.backends.mindspore import MindSporeBackend, init_mindspore
     init_mindspore(manifest.tp)
     return MindSporeBackend(manifest, rank)
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    from ..export.manifest import read_manifest
+    from dsflow.artifacts.manifest import read_manifest
 
     host, port = args.connect.rsplit(":", 1)
     conn = Client((host, int(port)), authkey=bytes.fromhex(os.environ[AUTHKEY_ENV]))

@@ -83,7 +83,7 @@ SMALL = dict(max_batch=3, prefill_chunk=8)
 @pytest.fixture(scope="session")
 def export_tiny(tiny_checkpoint, tmp_path_factory):
     """tp -> artifacts directory (built once per tp per session)."""
-    from dsflow.export.build import BuildOptions, build
+    from dsflow.export.pipeline.build import BuildOptions, build
 
     def get(tp: int) -> Path:
         if tp not in _ARTIFACTS:

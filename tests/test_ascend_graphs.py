@@ -18,9 +18,9 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import TINY
-from dsflow.export.cli_inspect import inspect as inspect_cmd
-from dsflow.export.inspect_mindir import inspect_artifacts, inspect_graph, op_arguments
-from dsflow.export.manifest import write_manifest
+from dsflow.export.cli.inspect import inspect as inspect_cmd
+from dsflow.export.pipeline.inspect_mindir import inspect_artifacts, inspect_graph, op_arguments
+from dsflow.artifacts.manifest import write_manifest
 from dsflow.graphs.config import config_from_hf_dict
 from dsflow.graphs.kernels import TARGET_DTYPES, TargetError, cache_dtype
 from dsflow.graphs.layers import WORLD_GROUP
@@ -53,9 +53,9 @@ SCATTER_REDUCE_UPDATE = 3
 
 
 def export_rank(root: Path, target: str, tp: int, rank: int) -> dict[str, Path]:
-    """What export/build.py does per rank, with seeded random weights instead of a
+    """What export/pipeline/build.py does per rank, with seeded random weights instead of a
     checkpoint: RankModel(cfg, tp, dtype, target) + export_graph per graph kind."""
-    from dsflow.export.mindir import export_graph
+    from dsflow.export.pipeline.mindir import export_graph
     from dsflow.graphs.model import RankModel
     dtype = TARGET_DTYPES[target]
     net = RankModel(CFG, tp, dtype, target=target)
@@ -76,7 +76,8 @@ def write_artifacts(root: Path, target: str, tp: int, files: dict[int, dict]) ->
                **graph_signature(kind, CFG, tp, cache_dtype(target, dtype)).to_dict()}
               for rank, by_kind in files.items() for kind, path in by_kind.items()]
     write_manifest(root, {"target": target, "dtype": dtype, "tp": tp,
-                          "model": CFG.to_dict(), "graphs": graphs})
+                          "model": CFG.to_dict(), "graphs": graphs,
+                          "kv_cache": {"dtype": cache_dtype(target, dtype), "max_seq_len": 64}})
     return root
 
 
@@ -117,14 +118,16 @@ def test_ascend_graphs_hold_the_fused_ops_and_no_decomposed_attention(graphs, tp
 
 @pytest.mark.parametrize("tp", TPS)
 def test_fused_op_arguments(exported, tp):
-    """Heads per rank, 1/sqrt(head_dim), BNSD, GQA, causal band, write axis, rope mode."""
+    """Heads per rank, 1/sqrt(head_dim), BNSD, GQA, no band (the mask covers window and
+    chunk), write axis, rope mode."""
     heads, kv_heads = CFG.num_heads // tp, CFG.num_kv_heads // tp
     scale = pytest.approx(1 / math.sqrt(CFG.head_dim))
     rank0 = exported["ascend", tp] / "rank0"
     # PromptFlashAttention: num_heads, scale, pre_tokens, next_tokens, layout, kv heads,
     # sparse_mode, inner_precise (the last 8 constant inputs, constructor order)
     for args in op_arguments(rank0 / "prefill.mindir", "PromptFlashAttention"):
-        assert args[-8:] == [heads, scale, 2**31 - 1, 0, INPUT_LAYOUT_BNSD, kv_heads, 0, 1]
+        assert args[-8:] == [heads, scale, 2**31 - 1, 2**31 - 1, INPUT_LAYOUT_BNSD, kv_heads,
+                             0, 1]
     # IncreFlashAttention: num_heads, layout, scale, kv heads, block_size, inner_precise
     for args in op_arguments(rank0 / "decode.mindir", "IncreFlashAttention"):
         assert args[-6:] == [heads, INPUT_LAYOUT_BNSD, scale, kv_heads, 0, 1]
@@ -153,7 +156,7 @@ def _as_dtype(tensors: list[dict], dtype: str) -> list[dict]:
 def test_both_targets_have_the_same_signature_and_parameters(graphs, tp, kind):
     """Identical names and shapes; the only dtype differences are the weights (cpu
     float32, ascend bfloat16) and the KV caches (ascend float16, which Lite can
-    allocate; graphs/kernels.py). Logits stay float32."""
+    allocate; graphs/kernels/__init__.py). Logits stay float32."""
     cpu, asc = graphs["cpu", tp, kind], graphs["ascend", tp, kind]
     for target, g in (("cpu", cpu), ("ascend", asc)):
         sig = graph_signature(kind, CFG, tp, cache_dtype(target, TARGET_DTYPES[target])).to_dict()
@@ -194,7 +197,7 @@ def test_inspect_artifacts_reads_the_manifest(exported):
     assert [(g["rank"], g["graph"], g["target"]) for g in graphs] == [
         (0, "prefill", "ascend"), (0, "decode", "ascend"),
         (1, "prefill", "ascend"), (1, "decode", "ascend")]
-    assert [t["name"] for t in graphs[1]["outputs"]] == ["logits", "key_cache", "value_cache"]
+    assert [t["name"] for t in graphs[1]["outputs"]] == ["logits", "key", "value"]
     assert "tensors" not in graphs[0]["parameters"]
     assert [g["rank"] for g in inspect_artifacts(exported["ascend", 2], rank=1)] == [1, 1]
 
@@ -210,7 +213,7 @@ def test_dsexport_inspect_json_lines_and_table(exported):
     assert set(lines[0]["parameters"]) >= {"count", "bytes"}
     table = CliRunner().invoke(inspect_cmd, [str(art)]).output
     assert "rank 1 decode (ascend)" in table and "IncreFlashAttention 2" in table
-    assert "key_cache      float16   [2, ?, 2, ?, 16]" in table
+    assert "key_window     float16   [2, ?, 2, ?, 16]" in table
 
 
 @pytest.mark.parametrize("args, message", [
@@ -220,13 +223,13 @@ def test_dsexport_inspect_json_lines_and_table(exported):
 def test_dsexport_inspect_errors_are_one_line(exported, tmp_path, args, message):
     fill = {"missing": tmp_path / "nope", "art": exported["cpu", 1]}
     result = CliRunner().invoke(inspect_cmd, [a.format(**fill) for a in args])
-    assert result.exit_code == 2
+    assert result.exit_code == 1
     assert result.output.startswith("dsexport: error: ") and message in result.output
     assert len(result.output.strip().splitlines()) == 1
 
 
 def test_inspect_a_file_that_is_not_mindir(tmp_path):
-    from dsflow.export.inspect_mindir import InspectError
+    from dsflow.export.pipeline.inspect_mindir import InspectError
     bad = tmp_path / "decode.mindir"
     bad.write_bytes(b"\xff\xfe not protobuf \x00\x01")
     with pytest.raises(InspectError, match="not a MindIR file"):
@@ -253,9 +256,9 @@ def test_split_export_is_inspected_from_its_variables(exported, tmp_path, monkey
 
 
 def test_bf16_weights_arrive_as_bit_patterns_and_load_exactly():
-    """export/shard.py delivers bf16 as uint16 bit patterns (numpy has no bf16)."""
+    """export/weights/split.py delivers bf16 as uint16 bit patterns (numpy has no bf16)."""
     import mindspore as ms
-    from dsflow.export.dtypes import bf16_to_f32, f32_to_bf16
+    from dsflow.common.dtypes import bf16_to_f32, f32_to_bf16
     from dsflow.graphs.model import to_tensor
     bits = f32_to_bf16(np.array([1.0, -0.5, 3.14159, 1e-3], np.float32))
     t = to_tensor(bits, ms.bfloat16)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import CONFIGS_DIR, make_hf_checkpoint
-from dsflow.export.checkpoint import Checkpoint
-from dsflow.export.shard import rank_tensors
+from dsflow.export.checkpoint.reader import Checkpoint
+from dsflow.export.weights.split import rank_tensors
 from dsflow.graphs.config import ConfigError, config_from_hf_dict, load_config
 from dsflow.graphs.tp_plan import TPError, check_tp, padded_vocab, valid_tp_degrees, weight_specs
 

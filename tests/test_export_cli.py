@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from dsflow.export.cli import main as dsexport
-from dsflow.export.manifest import read_manifest, sha256_file
-from dsflow.export.safetensors_io import SafetensorsFile, write_safetensors
+from dsflow.export.cli.main import main as dsexport
+from dsflow.artifacts.manifest import read_manifest
+from dsflow.common.checksums import sha256_file
+from dsflow.export.checkpoint.safetensors import SafetensorsFile, write_safetensors
 from dsflow.graphs.signatures import graph_signature
 
 
@@ -59,7 +60,7 @@ def test_manifest_describes_and_checksums_everything(export_tiny, tiny_checkpoin
             assert (art / g["file"]).is_file()
             sig = graph_signature(kind, m.config, 2, "float32").to_dict()
             assert g["inputs"] == sig["inputs"] and g["outputs"] == sig["outputs"]
-    assert m.data["kv_cache"]["layout"] == ["layers", "batch", "kv_heads_per_rank", "kv_len",
+    assert m.data["kv_cache"]["layout"] == ["layers", "slots", "kv_heads_per_rank", "capacity",
                                             "head_dim"]
     assert m.data["kv_cache"]["max_seq_len"] == 512
     assert {e["split"] for e in m.data["tp_plan"]} == {"replicate", "column", "row", "vocab"}
@@ -70,7 +71,7 @@ def test_manifest_describes_and_checksums_everything(export_tiny, tiny_checkpoin
 
 def test_tp_that_does_not_divide_heads_is_refused(tiny_checkpoint, tmp_path):
     code, out = run("--model", tiny_checkpoint, "--tp", 3, "--out", tmp_path / "a")
-    assert code == 2
+    assert code == 1
     assert "--tp 3" in out and "valid values: 1, 2, 4" in out
     assert not (tmp_path / "a").exists() and no_leftovers(tmp_path)
 
@@ -79,7 +80,7 @@ def test_missing_tensor_is_named(tiny_checkpoint, tmp_path):
     ckpt = copy_checkpoint(tiny_checkpoint, tmp_path / "ck")
     rewrite_weights(ckpt, lambda n, a: None if n == "model.layers.1.mlp.up_proj.weight" else a)
     code, out = run("--model", ckpt, "--out", tmp_path / "a")
-    assert code == 2 and "'model.layers.1.mlp.up_proj.weight' is missing" in out
+    assert code == 1 and "'model.layers.1.mlp.up_proj.weight' is missing" in out
     assert "Traceback" not in out and not (tmp_path / "a").exists()
 
 
@@ -89,7 +90,7 @@ def test_wrong_shape_is_named(tiny_checkpoint, tmp_path):
     cfg["intermediate_size"] = 96
     (ckpt / "config.json").write_text(json.dumps(cfg))
     code, out = run("--model", ckpt, "--out", tmp_path / "a")
-    assert code == 2 and "mlp.gate_proj.weight' has shape [128, 64]" in out
+    assert code == 1 and "mlp.gate_proj.weight' has shape [128, 64]" in out
     assert "[96, 64]" in out
 
 
@@ -99,7 +100,7 @@ def test_unknown_architecture(tiny_checkpoint, tmp_path):
     cfg["architectures"] = ["GPT2LMHeadModel"]
     (ckpt / "config.json").write_text(json.dumps(cfg))
     code, out = run("--model", ckpt, "--out", tmp_path / "a")
-    assert code == 2 and "architecture 'GPT2LMHeadModel' is not supported" in out
+    assert code == 1 and "architecture 'GPT2LMHeadModel' is not supported" in out
 
 
 def test_truncated_weights_file(tiny_checkpoint, tmp_path):
@@ -107,7 +108,7 @@ def test_truncated_weights_file(tiny_checkpoint, tmp_path):
     data = (ckpt / "model.safetensors").read_bytes()
     (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
     code, out = run("--model", ckpt, "--out", tmp_path / "a")
-    assert code == 2 and "model.safetensors" in out and "truncated" in out
+    assert code == 1 and "model.safetensors" in out and "truncated" in out
 
 
 def test_nan_tensor_fails_midway_and_leaves_nothing(tiny_checkpoint, tmp_path):
@@ -122,7 +123,7 @@ def test_nan_tensor_fails_midway_and_leaves_nothing(tiny_checkpoint, tmp_path):
         return a
     rewrite_weights(ckpt, poison)
     code, out = run("--model", ckpt, "--tp", 2, "--out", tmp_path / "a")
-    assert code == 2 and bad in out and "NaN" in out
+    assert code == 1 and bad in out and "NaN" in out
     assert not (tmp_path / "a").exists() and no_leftovers(tmp_path)
 
 
@@ -130,20 +131,20 @@ def test_output_not_writable(tiny_checkpoint, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     code, out = run("--model", tiny_checkpoint, "--out", blocker / "a")
-    assert code == 2 and "--out" in out and "cannot write" in out
+    assert code == 1 and "--out" in out and "cannot write" in out
 
 
 def test_refuses_to_overwrite_a_foreign_directory(tiny_checkpoint, tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "precious.txt").write_text("keep me")
     code, out = run("--model", tiny_checkpoint, "--out", tmp_path / "a")
-    assert code == 2 and "refusing to overwrite" in out
+    assert code == 1 and "refusing to overwrite" in out
     assert (tmp_path / "a" / "precious.txt").read_text() == "keep me"
 
 
 def test_missing_model_dir(tmp_path):
     code, out = run("--model", tmp_path / "nope", "--out", tmp_path / "a")
-    assert code == 2 and "nope" in out and "Traceback" not in out
+    assert code == 1 and "nope" in out and "Traceback" not in out
 
 
 def test_rebuild_replaces_previous_build(export_tiny, tiny_checkpoint, tmp_path):
@@ -181,14 +182,14 @@ def test_ascend_build_writes_lite_configs_and_the_conversion_script(tiny_checkpo
     m.verify()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--target", "cpu", "--dtype", "bfloat16"], "no CPU kernels for bf16"),
-    (["--target", "cpu", "--dtype", "bf16"], "no CPU kernels for bf16"),
-    (["--dtype", "int8"], "--dtype int8: unknown dtype"),
-    (["--target", "ascend", "--dtype", "float32"], "need bfloat16 or float16"),
-    (["--buckets", "64,x"], "--buckets '64,x'"),
-    (["--buckets", "1024", "--max-seq-len", "512"], "exceeds --max-seq-len 512"),
+@pytest.mark.parametrize("args, message, status", [
+    (["--target", "cpu", "--dtype", "bfloat16"], "no CPU kernels for bf16", 1),
+    (["--target", "cpu", "--dtype", "bf16"], "no CPU kernels for bf16", 1),
+    (["--dtype", "int8"], "--dtype int8: unknown dtype", 2),  # invalid in itself: usage
+    (["--target", "ascend", "--dtype", "float32"], "need bfloat16 or float16", 1),
+    (["--buckets", "64,x"], "--buckets '64,x'", 2),
+    (["--buckets", "1024", "--max-seq-len", "512"], "exceeds --max-seq-len 512", 1),
 ])
-def test_bad_target_options(tiny_checkpoint, tmp_path, args, message):
+def test_bad_target_options(tiny_checkpoint, tmp_path, args, message, status):
     code, out = run("--model", tiny_checkpoint, "--out", tmp_path / "a", *args)
-    assert code == 2 and message in out and not (tmp_path / "a").exists()
+    assert code == status and message in out and not (tmp_path / "a").exists()

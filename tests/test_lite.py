@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 from conftest import CONFIGS_DIR
-from dsflow.export import lite_build as lb
-from dsflow.export.manifest import Manifest
+from dsflow.export.pipeline import lite_build as lb
+from dsflow.artifacts import lite as lite_names
+from dsflow.artifacts.manifest import Manifest
 from dsflow.graphs.config import config_from_hf_dict, load_config
 from dsflow.graphs.signatures import graph_signature
 
@@ -122,11 +123,11 @@ def test_rank_table_template_and_check(tmp_path):
     path = tmp_path / "rt.json"
     path.write_text(json.dumps(table))
     with pytest.raises(lb.LiteBuildError, match="hccn_tool"):
-        lb.check_rank_table(path, 1, 5)
+        lite_names.check_rank_table(path, 1, 5)
     path.write_text(json.dumps(lb.rank_table(4, [4, 5, 6, 7], [f"10.0.0.{i}" for i in range(4)])))
-    lb.check_rank_table(path, 1, 5)
+    lite_names.check_rank_table(path, 1, 5)
     with pytest.raises(lb.LiteBuildError, match="rank 1 is not on device 2"):
-        lb.check_rank_table(path, 1, 2)
+        lite_names.check_rank_table(path, 1, 2)
     with pytest.raises(lb.LiteBuildError, match="distinct"):
         lb.rank_table(2, [0, 0])
 
@@ -143,7 +144,7 @@ def test_converter_on_path_converts_every_graph(tmp_path):
             assert entry == {"stage": "lite", "lite_stem": f"rank{r}/{kind}_lite",
                              "lite_file": f"rank{r}/{kind}_lite.mindir",
                              "config": f"rank{r}/{kind}.ini"}
-            assert lb.model_file(manifest.root, manifest.graph(r, kind)).is_file()
+            assert lite_names.model_file(manifest.root, manifest.graph(r, kind)).is_file()
     calls = (conv.parent / "calls.log").read_text().splitlines()
     assert len(calls) == 4 and all("--fmk=MINDIR" in c and "--optimize=ascend_oriented" in c
                                    and "--saveType=MINDIR" in c and "--configFile=" in c
@@ -175,7 +176,7 @@ def test_no_converter_writes_a_script_that_works(tmp_path):
     assert "converter_lite not found" in result["notice"]
     assert all(e["stage"] == "mindir" for e in result["graphs"].values())
     entry = manifest.graph(1, "decode")
-    assert lb.model_file(manifest.root, entry) == manifest.root / "rank1/decode.mindir"
+    assert lite_names.model_file(manifest.root, entry) == manifest.root / "rank1/decode.mindir"
     script = manifest.root / lb.SCRIPT_NAME
     assert os.access(script, os.X_OK)
     assert script.read_text().count("--optimize=ascend_oriented") == 4
@@ -184,7 +185,7 @@ def test_no_converter_writes_a_script_that_works(tmp_path):
     proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert lb.model_file(manifest.root, entry) == manifest.root / "rank1/decode_lite.mindir"
+    assert lite_names.model_file(manifest.root, entry) == manifest.root / "rank1/decode_lite.mindir"
     bad = subprocess.run(["bash", str(script)], env={**env, "PATH": "/usr/bin:/bin"},
                          capture_output=True, text=True)
     assert bad.returncode == 1 and "converter_lite not found" in bad.stderr
@@ -238,7 +239,7 @@ def filled_table(manifest: Manifest, devices) -> None:
 
 
 def test_backend_call_sequence_and_slot_cache(tmp_path, fake_lite, monkeypatch):
-    from dsflow.runtime.backend_lite import LiteBackend
+    from dsflow.runtime.backends.lite import LiteBackend
     manifest, _ = artifacts(tmp_path, 2, batch_sizes=[1, 2])
     filled_table(manifest, [4, 5])
 
@@ -288,7 +289,7 @@ def test_backend_call_sequence_and_slot_cache(tmp_path, fake_lite, monkeypatch):
 
 
 def test_backend_refuses_off_gear_shapes_and_pads_batch(tmp_path, fake_lite, monkeypatch):
-    from dsflow.runtime.backend_lite import LiteBackend, LiteBackendError
+    from dsflow.runtime.backends.lite import LiteBackend, LiteBackendError
     from dsflow.runtime.slot_cache import CacheLimitError
     manifest, _ = artifacts(tmp_path, 1, batch_sizes=[1, 4])
     backend = LiteBackend(manifest, 0, 0)
@@ -311,7 +312,7 @@ def test_backend_refuses_off_gear_shapes_and_pads_batch(tmp_path, fake_lite, mon
 
 
 def test_backend_builds_in_rank_order(tmp_path, fake_lite):
-    from dsflow.runtime.backend_lite import FileTurns, LiteBackend
+    from dsflow.runtime.backends.lite import FileTurns, LiteBackend
     manifest, _ = artifacts(tmp_path / "art", 2)
     filled_table(manifest, [0, 1])
     import time
@@ -334,7 +335,7 @@ def test_backend_builds_in_rank_order(tmp_path, fake_lite):
 
 
 def test_file_turns_waits_settles_and_times_out(tmp_path):
-    from dsflow.runtime.backend_lite import FileTurns, LiteBackendError
+    from dsflow.runtime.backends.lite import FileTurns, LiteBackendError
     slept = []
     turns = FileTurns(tmp_path, settle_s=8.0, sleep=slept.append, poll_s=1.0)
     turns.wait(0)
@@ -347,7 +348,7 @@ def test_file_turns_waits_settles_and_times_out(tmp_path):
 
 
 def test_backend_refusals_before_any_build(tmp_path, fake_lite, monkeypatch):
-    from dsflow.runtime.backend_lite import LiteBackend, LiteBackendError
+    from dsflow.runtime.backends.lite import LiteBackend, LiteBackendError
     manifest, _ = artifacts(tmp_path / "a", 1, dtype="bfloat16")
     with pytest.raises(LiteBackendError, match="no DataType for 'bfloat16'.*float16"):
         LiteBackend(manifest, 0, 0)
@@ -360,12 +361,12 @@ def test_backend_refusals_before_any_build(tmp_path, fake_lite, monkeypatch):
     with pytest.raises(LiteBackendError, match="--target ascend"):
         LiteBackend(manifest, 0, 0)
     monkeypatch.setenv("HCCL_NPU_SOCKET_PORT_RANGE", "30000-30100")  # a user's choice is kept
-    importlib.import_module("dsflow.runtime.backend_lite").import_mindspore_lite()
+    importlib.import_module("dsflow.runtime.backends.lite").import_mindspore_lite()
     assert os.environ["HCCL_NPU_SOCKET_PORT_RANGE"] == "30000-30100"
 
 
 def test_missing_mindspore_lite_is_a_clear_error(tmp_path, monkeypatch):
-    from dsflow.runtime.backend_lite import LiteBackend, LiteUnavailableError
+    from dsflow.runtime.backends.lite import LiteBackend, LiteUnavailableError
     monkeypatch.setitem(sys.modules, "mindspore_lite", None)  # import fails
     manifest, _ = artifacts(tmp_path, 1)
     with pytest.raises(LiteUnavailableError) as e:

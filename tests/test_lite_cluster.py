@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import TOKENIZER_DIR, require_shared
-from dsflow.export import lite_build as lb
-from dsflow.export.manifest import write_manifest
+from dsflow.export.pipeline import lite_build as lb
+from dsflow.artifacts.manifest import write_manifest
 from dsflow.graphs.config import config_from_hf_dict
 from dsflow.graphs.signatures import graph_signature
 from dsflow.runtime.engine import Engine

@@ -79,7 +79,7 @@ def test_single_prompt_equals_its_batched_run(engine_for, prompt_ids, reference)
 def test_vocab_not_divisible_by_tp(tmp_path_factory, prompt_ids):
     """lm_head rows are zero-padded to a multiple of tp; padded logits must vanish."""
     from conftest import make_hf_checkpoint
-    from dsflow.export.build import BuildOptions, build
+    from dsflow.export.pipeline.build import BuildOptions, build
     from dsflow.runtime.engine import Engine
     ckpt = tmp_path_factory.mktemp("odd-vocab")
     model = make_hf_checkpoint(ckpt, seed=5, vocab_size=32023, num_hidden_layers=1)

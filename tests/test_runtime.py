@@ -44,6 +44,15 @@ def test_json_output_has_the_documented_fields(export_tiny):
     assert "[INFO]" not in r.stderr and "[WARNING]" not in r.stderr
 
 
+def test_fill_in_the_middle_via_cli_shows_prompt_ids(export_tiny):
+    r = dsrun("--artifacts", export_tiny(1), "--prompt", "def f(a", "--suffix", "return a\n",
+              "--max-new-tokens", 3, "--json")
+    assert r.returncode == 0, r.stderr
+    ids = json.loads(r.stdout)["prompt_token_ids"]
+    assert ids[:2] == [32013, 32016] and ids[-1] == 32017  # BOS, fim_begin ... fim_end
+    assert 32015 in ids  # fim_hole
+
+
 def test_streamed_text_equals_api_text(export_tiny, engine_for):
     art = export_tiny(1)
     prompt = "def quick_sort(arr):"
@@ -84,7 +93,7 @@ def test_prompt_too_long_for_cache(engine_for):
 
 def test_bad_inputs_give_one_line(export_tiny, tmp_path):
     r = dsrun("--artifacts", tmp_path / "missing", "--prompt", "x")
-    assert r.returncode == 2 and "no such artifacts directory" in r.stderr
+    assert r.returncode == 1 and "no such artifacts directory" in r.stderr
     assert "Traceback" not in r.stderr
     r = dsrun("--artifacts", export_tiny(1), "--prompt", "x", "--top-p", "1.5")
     assert r.returncode == 2 and "--top-p" in r.stderr and "Traceback" not in r.stderr
@@ -100,7 +109,7 @@ def test_altered_artifact_is_detected_by_verify(export_tiny, tmp_path):
     data[-10] ^= 0xFF
     target.write_bytes(bytes(data))
     r = dsrun("--artifacts", art, "--prompt", "x", "--verify")
-    assert r.returncode == 2 and "decode.mindir" in r.stderr and "sha256" in r.stderr
+    assert r.returncode == 1 and "decode.mindir" in r.stderr and "sha256" in r.stderr
 
 
 def test_failing_rank_is_reported_and_cluster_torn_down(export_tiny, tmp_path):

@@ -527,7 +527,7 @@ def dsserve(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_warns_without_key_off_loopback_and_fails_in_one_line(tmp_path):
     r = dsserve("--host", "0.0.0.0", "--port", "0", "--artifacts", str(tmp_path / "none"))
-    assert r.returncode == 2
+    assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert "without --api-key" in lines[0] and lines[1].startswith("dsserve: error:")
     assert len(lines) == 2  # no traceback
@@ -538,4 +538,5 @@ def test_cli_taken_port_fails_before_starting_workers(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         r = dsserve("--port", str(taken.getsockname()[1]), "--artifacts", str(tmp_path))
-    assert r.returncode == 2 and "cannot listen" in r.stderr and "warning" not in r.stderr
+    assert r.returncode == 1 and "cannot listen" in r.stderr and "warning" not in r.stderr
+    assert dsserve("--max-queue", "0").returncode == 2  # a bad option value: usage

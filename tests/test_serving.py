@@ -240,3 +240,17 @@ def test_dying_rank_ends_every_request_then_restart(export_tiny):
         engine.close()
     with pytest.raises(EngineClosedError):
         engine.submit("z")
+
+
+def test_generation_config_travels_and_applies(small_engine_for, tmp_path):
+    from dsflow.runtime.generation_config import GenerationConfig
+    engine = small_engine_for(1)
+    assert (engine.manifest.root / "generation_config.json").is_file()  # from the build
+    assert engine.generation.eos_ids(None) == [32021]
+    listed = GenerationConfig({"eos_token_id": [32021, 32014], "do_sample": True,
+                               "temperature": 0.6, "top_p": 0.9, "max_new_tokens": 77})
+    assert listed.eos_ids(32021) == [32021, 32014]  # a list stays a list
+    params = listed.default_params()
+    assert (params.temperature, params.top_k, params.top_p, params.max_new_tokens) == \
+        (0.6, 50, 0.9, 77)  # transformers' top_k default when the file has none
+    assert GenerationConfig({}).default_params() == SamplingParams()

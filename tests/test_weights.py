@@ -21,11 +21,11 @@ from click.testing import CliRunner
 
 from conftest import CONFIGS_DIR, REPO, make_hf_checkpoint
 from test_formats import _Evil, _ms_params, _save_shards, _state_dict
-from dsflow.export.checkpoint import Checkpoint, read_config
-from dsflow.export.cli_weights import merge, parse_size, plan, shard
-from dsflow.export.errors import CheckpointError
-from dsflow.export.rank_shards import read_rank, verify, write_shards
-from dsflow.export.safetensors_io import SafetensorsFile, write_safetensors
+from dsflow.export.checkpoint.reader import Checkpoint, read_config
+from dsflow.export.cli.weights import merge, parse_size, plan, shard
+from dsflow.common.errors import CheckpointError
+from dsflow.export.weights.rank_files import read_rank, verify, write_shards
+from dsflow.export.checkpoint.safetensors import SafetensorsFile, write_safetensors
 
 LAYERS = 2
 # MindFormers predict yaml of the tiny model (the 33B one's keys, tiny values)
@@ -209,7 +209,7 @@ def test_nan_and_inf_are_reported_by_name(bf16_model, tmp_path, fmt):
     name = {"safetensors": "model.safetensors", "bin": "pytorch_model.bin",
             "ckpt": "x.ckpt"}[fmt]
     code, out = invoke(shard, "--model", d, "--out", tmp_path / "sh", "--tp", 2, "-q")
-    assert code == 2 and out.startswith("dsexport: error: ")
+    assert code == 1 and out.startswith("dsexport: error: ")
     assert name in out and repr(bad) in out and "NaN or Inf" in out
     assert not (tmp_path / "sh" / "shards.json").exists() and no_temps(tmp_path)
 
@@ -236,7 +236,7 @@ def test_malicious_bin_is_refused_and_never_run(bf16_model, tmp_path):
     torch.save({"model.norm.weight": torch.ones(64), "x": _Evil(marker)},
                d / "pytorch_model.bin")
     code, out = invoke(shard, "--model", d, "--out", tmp_path / "sh")
-    assert code == 2 and "pytorch_model.bin" in out and "system'" in out
+    assert code == 1 and "pytorch_model.bin" in out and "system'" in out
     assert "Traceback" not in out and not marker.exists()
     assert not (tmp_path / "sh").exists()
 
@@ -264,7 +264,7 @@ def test_shard_merge_round_trip_with_vocab_padding(tmp_path):
               "generation_config.json"):
         assert (back / f).read_bytes() == (src / f).read_bytes(), f
     code, out = invoke(merge, tmp_path / "sh", "--out", back)
-    assert code == 2 and "refusing to overwrite" in out
+    assert code == 1 and "refusing to overwrite" in out
 
 
 def test_interrupted_shard_leaves_nothing_finished_and_rerun_skips(bf16_model, tmp_path):
@@ -303,12 +303,12 @@ def test_shard_refuses_a_foreign_directory(bf16_model, tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     code, out = invoke(shard, "--model", bf16_model[0], "--out", tmp_path / "mine")
-    assert code == 2 and "'notes.txt'" in out
+    assert code == 1 and "'notes.txt'" in out
     code, out = invoke(shard, "--model", tmp_path / "nope", "--out", tmp_path / "x")
-    assert (code, out) == (2, f"dsexport: error: {tmp_path / 'nope'}: no such file or "
+    assert (code, out) == (1, f"dsexport: error: {tmp_path / 'nope'}: no such file or "
                               "directory\n")
     code, out = invoke(shard, "--model", bf16_model[0], "--out", tmp_path / "x", "--tp", 3)
-    assert code == 2 and "valid values: 1, 2, 4" in out
+    assert code == 1 and "valid values: 1, 2, 4" in out
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
@@ -349,7 +349,7 @@ def test_plan_33b():
     code, text = invoke(plan, "--config", cfg, "--tp", 4, "--max-seq", 16384)
     assert code == 0 and "fits an Ascend 910B per rank" in text and "rank | weights" in text
     code, text = invoke(plan, "--config", cfg, "--tp", 3)
-    assert code == 2 and text.startswith("dsexport: error: --tp 3")
+    assert code == 1 and text.startswith("dsexport: error: --tp 3")
     assert parse_size("5GB", "x") == 5 * 10**9 and parse_size("2GiB", "x") == 2 * 2**30
 
 
@@ -390,7 +390,7 @@ def test_convert_weight_and_back_are_bit_exact(bf16_model, tmp_path):
                              "--config", str(src / "config.json")]) == 0
     assert bits(tmp_path / "again") == bits(src)
     assert convert_weight(["--torch_ckpt_path", str(tmp_path / "nope" / "x.bin"),
-                           "--mindspore_ckpt_path", str(tmp_path / "n.ckpt")]) == 2
+                           "--mindspore_ckpt_path", str(tmp_path / "n.ckpt")]) == 1
 
 
 # --- builds from every format ----------------------------------------------------
@@ -399,7 +399,7 @@ def _artifact_weights(art: Path, tp: int) -> dict:
     """(rank, parameter name) -> array, read back from each rank's decode MindIR."""
     import mindspore as ms
     from mindspore import nn
-    from dsflow.export.manifest import read_manifest
+    from dsflow.artifacts.manifest import read_manifest
     m = read_manifest(art)
     out = {}
     for rank in range(tp):
@@ -412,7 +412,7 @@ def _artifact_weights(art: Path, tp: int) -> dict:
 def test_builds_from_bin_ckpt_and_shards_equal_the_safetensors_build(
         tiny_checkpoint, export_tiny, tmp_path):
     import mindspore as ms
-    from dsflow.export.build import BuildOptions, build
+    from dsflow.export.pipeline.build import BuildOptions, build
     tp = 2
     reference = _artifact_weights(export_tiny(tp), tp)
     assert len(reference) == tp * (LAYERS * 9 + 3)

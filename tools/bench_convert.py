@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dsflow.export.hf_writer import split_layout, write_hf_directory
-from dsflow.export.mapped_file import nbytes
+from dsflow.export.checkpoint.hf_writer import split_layout, write_hf_directory
+from dsflow.export.checkpoint.mapped_file import nbytes
 from dsflow.graphs.config import ModelConfig
 from dsflow.graphs.tp_plan import weight_specs
 
@@ -73,7 +73,7 @@ def synthesize(cfg: ModelConfig, out: Path) -> None:
 def to_bin_variant(st_dir: Path, out: Path) -> None:
     """pytorch_model-0000i-of-0000N.bin + index: torch.save of each shard's dict."""
     import torch
-    from dsflow.export.safetensors_io import SafetensorsFile
+    from dsflow.export.checkpoint.safetensors import SafetensorsFile
     out.mkdir()
     shutil.copyfile(st_dir / "config.json", out / "config.json")
     files = [p.name for p in source_files(st_dir)]
@@ -108,7 +108,7 @@ def child_copy(src: Path, dst: Path) -> dict:
 
 
 def child_shard(src: Path, dst: Path, tp: int) -> dict:
-    from dsflow.export.rank_shards import write_shards
+    from dsflow.export.weights.rank_files import write_shards
     start = time.perf_counter()
     index = write_shards(src, dst, tp)
     return {"seconds": time.perf_counter() - start,

@@ -28,13 +28,11 @@ import tempfile
 import time
 from pathlib import Path
 
-TOKENIZER_ENV = "DSFLOW_BENCH_TOKENIZER"
-
 
 def make_checkpoint(path: Path, args) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-    from dsflow.export.default_model import ensure_default_model
+    from dsflow.export.pipeline.default_model import ensure_default_model
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=32256, hidden_size=args.hidden, intermediate_size=args.ffn,
                       num_hidden_layers=args.layers, num_attention_heads=args.heads,
@@ -168,14 +166,20 @@ def table(rows: list[tuple[str, dict]], ref: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--tp", default="1,4", help="comma-separated tp degrees (default 1,4)")
+def model_arguments(p: argparse.ArgumentParser) -> None:
+    """The benchmark model's shape (default: the ~125M configuration); make_checkpoint
+    reads these."""
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--hidden", type=int, default=768)
     p.add_argument("--ffn", type=int, default=2048)
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--kv-heads", type=int, default=4)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--tp", default="1,4", help="comma-separated tp degrees (default 1,4)")
+    model_arguments(p)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeat", type=int, default=5)
@@ -191,7 +195,7 @@ def main() -> None:
     args.ckpt = work / "ckpt"
     if not (args.ckpt / "config.json").exists():
         make_checkpoint(args.ckpt, args)
-    from dsflow.export.build import BuildOptions, build
+    from dsflow.export.pipeline.build import BuildOptions, build
     tps = [int(t) for t in args.tp.split(",")]
     for tp in tps:
         art = work / f"art-tp{tp}"

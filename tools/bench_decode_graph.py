@@ -30,7 +30,7 @@ CONFIG = dict(vocab_size=32256, hidden_size=768, intermediate_size=2048, num_lay
 def export(stem: Path) -> None:
     """Export the decode graph of the current checkout's graphs/ to `<stem>.mindir`."""
     import mindspore as ms
-    from dsflow.export.mindir import export_graph
+    from dsflow.export.pipeline.mindir import export_graph
     from dsflow.graphs.config import ModelConfig
     from dsflow.graphs.model import RankModel
     from dsflow.graphs.signatures import graph_signature

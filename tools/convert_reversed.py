@@ -19,8 +19,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from dsflow.export.ckpt_convert import run_tool, to_hf_directory
-from dsflow.export.option_values import parse_dtype
+from dsflow.export.weights.convert import run_tool, to_hf_directory
+from dsflow.common.options import parse_dtype
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -20,9 +20,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from dsflow.export.ckpt_convert import run_tool, to_mindspore_ckpt
-from dsflow.export.option_values import parse_dtype
-from dsflow.graphs.errors import DsflowError
+from dsflow.export.weights.convert import run_tool, to_mindspore_ckpt
+from dsflow.common.options import parse_dtype
+from dsflow.common.errors import DsflowError
 
 SUPPORTED_MODELS = ("deepseek", "llama")
 

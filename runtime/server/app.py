@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dsflow.graphs.errors import DsflowError
+from dsflow.common.errors import DsflowError
 
 from .access import AccessLog
 from .errors import ApiError, from_exception

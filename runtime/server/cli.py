@@ -1,8 +1,9 @@
 """`dsserve`: the OpenAI-compatible server on one Engine, run by uvicorn.
 
-Exit codes, for a supervisor: 0 after SIGTERM/SIGINT (in-flight requests drained),
-2 for a start-up error (bad option, artifacts, port), 3 when the worker cluster failed
-and could not be restarted within --max-restarts.
+Exit codes, for a supervisor (common/cli.py's, plus 3): 0 after SIGTERM/SIGINT
+(in-flight requests drained), 1 when it cannot start (artifacts, port, workers), 2 for a
+bad option value, 3 when the worker cluster failed and could not be restarted within
+--max-restarts.
 """
 from __future__ import annotations
 
@@ -10,21 +11,14 @@ import ipaddress
 import logging
 import signal
 import socket
-import sys
 from pathlib import Path
 from typing import Optional
 
 import click
 
-from dsflow.graphs.errors import DsflowError
+from dsflow.common.cli import CONTEXT_SETTINGS, run_command, version_option
+from dsflow.common.errors import DsflowError, OptionError
 from dsflow.runtime.cli_options import engine_options
-
-log = logging.getLogger("dsflow.server")
-
-
-def _fail(message: str, code: int = 2) -> None:
-    click.echo(f"dsserve: error: {message}", err=True)
-    sys.exit(code)
 
 
 def is_loopback(host: str) -> bool:
@@ -46,17 +40,30 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        _fail(f"--host {host} --port {port}: cannot listen ({e.strerror})")
+        raise DsflowError(f"--host {host} --port {port}: cannot listen ({e.strerror})") from None
     return sock
 
 
 def _stop_startup(signum, frame) -> None:
-    # SIGTERM while the workers start: unwind through Engine's cleanup, exit 0
+    # SIGTERM while the workers start: unwind through Engine's cleanup and exit 0.
+    # SystemExit, a BaseException, passes the `except Exception` of loading code.
     raise SystemExit(0)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"],
-                                 "max_content_width": 100})
+def check_options(host: str, api_key: Optional[str], minimums: dict[str, tuple[int, int]]
+                  ) -> None:
+    for name, (value, least) in minimums.items():
+        if value < least:
+            raise OptionError(f"{name} {value}: must be at least {least}")
+    if api_key == "":
+        raise OptionError("--api-key: empty key")
+    if not is_loopback(host) and api_key is None:
+        click.echo(f"dsserve: warning: listening on {host} without --api-key: anyone who can "
+                   "reach this address can use the model", err=True)
+
+
+@click.command(context_settings={**CONTEXT_SETTINGS, "max_content_width": 100})
+@version_option("dsserve")
 @engine_options
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind. Anything but loopback should have --api-key.")
@@ -87,12 +94,14 @@ def _stop_startup(signum, frame) -> None:
 @click.option("--access-log/--no-access-log", default=True, show_default=True,
               help="One line per request on standard error (logger dsflow.server.access).")
 @click.option("-v", "--verbose", is_flag=True,
-              help="Engine lines at INFO, and MindSpore's own output.")
+              help="Engine lines at INFO, MindSpore's own output, and the traceback of a "
+                   "failure.")
+@run_command("dsserve")
 def main(artifacts: Path, host: str, port: int, api_key: Optional[str],
          served_model_name: Optional[str], device: Optional[str], devices: Optional[str],
          verify: bool, max_batch: Optional[int], max_seq_len: Optional[int],
-         cache_mb: Optional[float], prefill_chunk: Optional[int], max_queue: int, max_prompts: int,
-         max_body_kb: int, request_timeout: float, shutdown_timeout: float,
+         cache_mb: Optional[float], prefill_chunk: Optional[int], max_queue: int,
+         max_prompts: int, max_body_kb: int, request_timeout: float, shutdown_timeout: float,
          max_restarts: int, restart_backoff: float, access_log: bool, verbose: bool) -> None:
     """Serve an OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions,
     /health, /metrics) from dsflow artifacts.
@@ -102,25 +111,17 @@ def main(artifacts: Path, host: str, port: int, api_key: Optional[str],
       dsserve --artifacts ./ds67-tp4
       DSSERVE_API_KEY=secret dsserve --artifacts ./ds67-tp4 --host 0.0.0.0 --port 8000
     """
+    # a server's log lines need their time, unlike dsrun's (common.cli.setup_logging)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("dsflow.server.access").setLevel(
         logging.INFO if access_log else logging.WARNING)
-    for name, value, least in (("--max-queue", max_queue, 1), ("--max-prompts", max_prompts, 1),
-                               ("--max-body-kb", max_body_kb, 1),
-                               ("--max-restarts", max_restarts, 0)):
-        if value < least:
-            _fail(f"{name} {value}: must be at least {least}")
-    if api_key == "":
-        _fail("--api-key: empty key")
-    if not is_loopback(host) and api_key is None:
-        click.echo(f"dsserve: warning: listening on {host} without --api-key: anyone who can "
-                   "reach this address can use the model", err=True)
-    from dsflow.export.option_values import int_list
-    try:
-        device_ids = int_list(devices, "--devices")
-    except DsflowError as e:
-        _fail(str(e))
+    check_options(host, api_key, {"--max-queue": (max_queue, 1),
+                                  "--max-prompts": (max_prompts, 1),
+                                  "--max-body-kb": (max_body_kb, 1),
+                                  "--max-restarts": (max_restarts, 0)})
+    from dsflow.common.options import int_list
+    device_ids = int_list(devices, "--devices")
     sock = bind(host, port)
     signal.signal(signal.SIGTERM, _stop_startup)
     from dsflow.runtime import Engine
@@ -128,10 +129,7 @@ def main(artifacts: Path, host: str, port: int, api_key: Optional[str],
         engine = Engine(artifacts, verbose=verbose, verify=verify, device=device,
                         device_ids=device_ids, max_batch=max_batch, max_seq_len=max_seq_len,
                         cache_mb=cache_mb, prefill_chunk=prefill_chunk, max_queue=max_queue)
-    except DsflowError as e:
-        sock.close()
-        _fail(str(e))
-    except SystemExit:
+    except BaseException:
         sock.close()
         raise
     from .openai_api import ServerOptions
@@ -144,11 +142,13 @@ def main(artifacts: Path, host: str, port: int, api_key: Optional[str],
                                 request_timeout_s=request_timeout or None)
         policy = RestartPolicy(max_restarts=max_restarts, backoff_s=restart_backoff)
         click.echo(f"dsserve: serving {options.model_name} on http://{host}:"
-                   f"{sock.getsockname()[1]} (tp={engine.manifest.tp})", err=True)
+                   f"{sock.getsockname()[1]} (tp={engine.manifest.tp}; {engine.plan.describe()})",
+                   err=True)
         code = run(engine, sock, options, policy, shutdown_timeout)
     finally:
         engine.close()
-    sys.exit(code)
+    if code:
+        raise click.exceptions.Exit(code)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
-from dsflow.graphs.errors import DsflowError
+from dsflow.common.errors import DsflowError
 from dsflow.runtime import CacheLimitError, EngineClosedError, QueueFullError, WorkerError
 
 log = logging.getLogger("dsflow.server")

@@ -1,0 +1,3 @@
+"""Shared foundations: errors, JSON reading, atomic files, dtypes, option parsing, CLI error path.
+
+The lowest layer: imports nothing else of dsflow."""

@@ -1,0 +1,1 @@
+"""The dsexport command line: build, shard, merge, plan, inspect."""

@@ -1,0 +1,1 @@
+"""Worker backends: MindSpore GraphCell (CPU) and MindSpore Lite (Ascend)."""
