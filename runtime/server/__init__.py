@@ -14,7 +14,7 @@
     protocol.py     malformed-HTTP 400s in OpenAI's shape
     cli.py          the `dsserve` command
 """
-from .app import create_app
-from .openai_api import ServerOptions
+from dsflow.runtime.server.app import create_app
+from dsflow.runtime.server.openai_api import ServerOptions
 
 __all__ = ["ServerOptions", "create_app"]

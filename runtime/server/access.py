@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 
-from .metrics import Metrics
+from dsflow.runtime.server.metrics import Metrics
 
 log = logging.getLogger("dsflow.server.access")
 

@@ -19,12 +19,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dsflow.common.errors import DsflowError
-
-from .access import AccessLog
-from .errors import ApiError, from_exception
-from .metrics import CONTENT_TYPE, Metrics
-from .openai_api import OpenAIApi, ServerOptions, max_model_len
-from .supervisor import Supervisor
+from dsflow.runtime.server.access import AccessLog
+from dsflow.runtime.server.errors import ApiError, from_exception
+from dsflow.runtime.server.metrics import CONTENT_TYPE, Metrics
+from dsflow.runtime.server.openai_api import OpenAIApi, ServerOptions, max_model_len
+from dsflow.runtime.server.supervisor import Supervisor
 
 
 def _add_error_handlers(app: FastAPI) -> None:

@@ -132,9 +132,9 @@ def main(artifacts: Path, host: str, port: int, api_key: Optional[str],
     except BaseException:
         sock.close()
         raise
-    from .openai_api import ServerOptions
-    from .lifecycle import run
-    from .supervisor import RestartPolicy
+    from dsflow.runtime.server.openai_api import ServerOptions
+    from dsflow.runtime.server.lifecycle import run
+    from dsflow.runtime.server.supervisor import RestartPolicy
     try:  # from here on, any way out stops the workers
         options = ServerOptions(model_name=served_model_name or engine.model_name,
                                 api_key=api_key, max_prompts=max_prompts,

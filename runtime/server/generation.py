@@ -16,8 +16,7 @@ from typing import AsyncIterator, Optional, Sequence, Union
 from starlette.concurrency import run_in_threadpool
 
 from dsflow.runtime import RequestHandle, SamplingParams, StreamEvent
-
-from .metrics import Metrics
+from dsflow.runtime.server.metrics import Metrics
 
 Prompt = Union[str, Sequence[int]]
 

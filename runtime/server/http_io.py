@@ -11,9 +11,9 @@ import anyio
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from .errors import ApiError
-from .responses import error_event
-from .schemas import parse_json_object
+from dsflow.runtime.server.errors import ApiError
+from dsflow.runtime.server.responses import error_event
+from dsflow.runtime.server.schemas import parse_json_object
 
 T = TypeVar("T")
 

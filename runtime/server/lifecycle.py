@@ -8,11 +8,11 @@ import threading
 
 import uvicorn
 
-from .app import create_app
-from .metrics import Metrics
-from .openai_api import ServerOptions
-from .protocol import OpenAIErrorH11Protocol
-from .supervisor import RestartPolicy, Supervisor
+from dsflow.runtime.server.app import create_app
+from dsflow.runtime.server.metrics import Metrics
+from dsflow.runtime.server.openai_api import ServerOptions
+from dsflow.runtime.server.protocol import OpenAIErrorH11Protocol
+from dsflow.runtime.server.supervisor import RestartPolicy, Supervisor
 
 
 class DsserveServer(uvicorn.Server):

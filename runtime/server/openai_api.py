@@ -16,15 +16,14 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from dsflow.runtime import SamplingParams
-
-from .errors import ApiError, bad_request, from_exception
-from .generation import Generation
-from .http_io import ClientGone, EventStream, guarded, read_body
-from .metrics import Metrics
-from .responses import (ChunkWriter, LegacyLogprobs, chat_logprobs, completion_body,
-                        error_event, finish_reason, sse)
-from .schemas import ChatRequest, CompletionRequest, validate
-from .supervisor import Supervisor
+from dsflow.runtime.server.errors import ApiError, bad_request, from_exception
+from dsflow.runtime.server.generation import Generation
+from dsflow.runtime.server.http_io import ClientGone, EventStream, guarded, read_body
+from dsflow.runtime.server.metrics import Metrics
+from dsflow.runtime.server.responses import (ChunkWriter, LegacyLogprobs, chat_logprobs,
+                                             completion_body, error_event, finish_reason, sse)
+from dsflow.runtime.server.schemas import ChatRequest, CompletionRequest, validate
+from dsflow.runtime.server.supervisor import Supervisor
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 AnyRequest = Union[CompletionRequest, ChatRequest]

@@ -11,7 +11,7 @@ import json
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .errors import bad_request
+from dsflow.runtime.server.errors import bad_request
 
 
 class OpenAIErrorH11Protocol(H11Protocol):

@@ -15,7 +15,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import bad_request
+from dsflow.runtime.server.errors import bad_request
 
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20
@@ -74,9 +74,10 @@ def validate(model: type[BaseModel], body: dict) -> Any:
     try:
         return model.model_validate(body)
     except ValidationError as e:
-        param, msg = _describe(e.errors()[0])
-        code = "unsupported_parameter" if e.errors()[0]["type"] == "extra_forbidden" else None
-        raise bad_request(f"'{param}': {msg}", param=param, code=code or "invalid_value") from None
+        error = e.errors()[0]  # the first is enough to fix; OpenAI reports one param too
+        param, msg = _describe(error)
+        code = "unsupported_parameter" if error["type"] == "extra_forbidden" else "invalid_value"
+        raise bad_request(f"'{param}': {msg}", param=param, code=code) from None
 
 
 # ---- request models -----------------------------------------------------------------

@@ -17,8 +17,8 @@ from typing import Callable, Optional
 
 from starlette.concurrency import run_in_threadpool
 
-from .errors import unavailable
-from .metrics import Metrics
+from dsflow.runtime.server.errors import unavailable
+from dsflow.runtime.server.metrics import Metrics
 
 log = logging.getLogger("dsflow.server")
 
