@@ -18,7 +18,12 @@ import click
 
 from dsflow.common.cli import CONTEXT_SETTINGS, run_command, version_option
 from dsflow.common.errors import DsflowError, OptionError
+from dsflow.common.options import int_list
+from dsflow.runtime import Engine
 from dsflow.runtime.cli_options import engine_options
+from dsflow.runtime.server.lifecycle import run
+from dsflow.runtime.server.openai_api import ServerOptions
+from dsflow.runtime.server.supervisor import RestartPolicy
 
 
 def is_loopback(host: str) -> bool:
@@ -120,11 +125,9 @@ def main(artifacts: Path, host: str, port: int, api_key: Optional[str],
                                   "--max-prompts": (max_prompts, 1),
                                   "--max-body-kb": (max_body_kb, 1),
                                   "--max-restarts": (max_restarts, 0)})
-    from dsflow.common.options import int_list
     device_ids = int_list(devices, "--devices")
     sock = bind(host, port)
     signal.signal(signal.SIGTERM, _stop_startup)
-    from dsflow.runtime import Engine
     try:
         engine = Engine(artifacts, verbose=verbose, verify=verify, device=device,
                         device_ids=device_ids, max_batch=max_batch, max_seq_len=max_seq_len,
@@ -132,9 +135,6 @@ def main(artifacts: Path, host: str, port: int, api_key: Optional[str],
     except BaseException:
         sock.close()
         raise
-    from dsflow.runtime.server.openai_api import ServerOptions
-    from dsflow.runtime.server.lifecycle import run
-    from dsflow.runtime.server.supervisor import RestartPolicy
     try:  # from here on, any way out stops the workers
         options = ServerOptions(model_name=served_model_name or engine.model_name,
                                 api_key=api_key, max_prompts=max_prompts,
