@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import httpx
+import jinja2
 import openai
 import pytest
 
@@ -313,6 +314,15 @@ def test_non_numeric_content_length_gets_a_json_400(served):
     head, _, body = reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400")
     assert json.loads(body)["error"]["code"] == "invalid_http"
+
+
+def test_a_template_that_refuses_the_messages_is_a_400(served, monkeypatch):
+    def refuse(messages):
+        raise jinja2.TemplateError("Conversation roles must alternate")
+    monkeypatch.setattr(served.engine.tokenizer, "apply_chat_template", refuse)
+    with served.http() as http:
+        error = assert_openai_error(http.post(CHAT, json={"messages": USER}), 400)
+    assert error["param"] == "messages" and "alternate" in error["message"]
 
 
 def test_bad_request_error_in_the_client(served):

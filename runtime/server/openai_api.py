@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from typing import AsyncIterator, Optional, Union
 
 from fastapi import Request
+from jinja2 import TemplateError
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -97,7 +98,11 @@ class OpenAIApi:
         # "developer" is OpenAI's new name for the system role; templates know "system"
         messages = [{"role": "system" if m.role == "developer" else m.role,
                      "content": m.text()} for m in req.messages]
-        text = self.engine.tokenizer.apply_chat_template(messages)
+        try:
+            text = self.engine.tokenizer.apply_chat_template(messages)
+        except TemplateError as e:  # templates may refuse, e.g. roles out of order
+            raise bad_request(f"the model's chat template cannot render these messages: {e}",
+                              param="messages") from None
         return self.engine.tokenizer.encode(text, add_bos=False)  # the template has the BOS
 
     def sampling(self, req: AnyRequest, max_tokens: int,
