@@ -1,6 +1,7 @@
 """`dsrun`: generate text from dsflow artifacts with one worker process per rank."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -51,13 +52,16 @@ class _OrderedPrinter:
 @click.option("--prompt", "prompts", multiple=True,
               help="Prompt text; repeat for a batch (prompts may differ in length). "
                    "Without --prompt, the prompt is read from standard input.")
-@click.option("--max-new-tokens", type=int, default=128, show_default=True,
-              help="Stop after this many generated tokens (vLLM: max_tokens).")
-@click.option("--temperature", type=float, default=0.0, show_default=True,
-              help="Sampling temperature; 0 = greedy (deterministic).")
-@click.option("--top-k", type=int, default=0, show_default=True,
+@click.option("--max-new-tokens", type=int, default=None,
+              help="Stop after this many generated tokens (vLLM: max_tokens). Default, like "
+                   "--temperature/--top-k/--top-p: the checkpoint's generation_config.json, "
+                   "else 128.")
+@click.option("--temperature", type=float, default=None,
+              help="Sampling temperature; 0 = greedy (deterministic; the default unless "
+                   "generation_config.json says do_sample).")
+@click.option("--top-k", type=int, default=None,
               help="Sample among the k most likely tokens only (0 = off).")
-@click.option("--top-p", type=float, default=1.0, show_default=True,
+@click.option("--top-p", type=float, default=None,
               help="Nucleus sampling: smallest set of tokens with this total probability.")
 @click.option("--seed", type=int, default=None, help="Random seed for sampling.")
 @click.option("--stop", "stops", multiple=True,
@@ -100,9 +104,11 @@ def main(artifacts: Path, prompts: tuple[str, ...], max_new_tokens: int, tempera
             raise DsflowError("no prompt: pass --prompt TEXT (repeatable) or pipe text on "
                               "standard input")
         prompts = (read_stdin_text(),)
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
-                            top_k=top_k, top_p=top_p, seed=seed, stop=tuple(stops),
-                            stop_token_ids=tuple(stop_token_ids), n=n)
+    # options given override the checkpoint's generation defaults (as in transformers)
+    given = {k: v for k, v in dict(max_new_tokens=max_new_tokens, temperature=temperature,
+                                   top_k=top_k, top_p=top_p).items() if v is not None}
+    given.update(seed=seed, stop=tuple(stops), stop_token_ids=tuple(stop_token_ids), n=n)
+    params = SamplingParams(**given)
     if suffix is not None and chat:
         raise OptionError("--suffix (fill in the middle) and --chat cannot be combined")
     from dsflow.common.options import int_list
@@ -115,6 +121,8 @@ def main(artifacts: Path, prompts: tuple[str, ...], max_new_tokens: int, tempera
                     device_ids=int_list(devices, "--devices"), max_batch=max_batch,
                     max_seq_len=max_seq_len, cache_mb=cache_mb, prefill_chunk=prefill_chunk)
     try:
+        params = dataclasses.replace(engine.default_params, **given)
+        params.check()
         if not quiet and not as_json:
             click.echo(f"[{engine.plan.describe()}]", err=True)
         if suffix is not None:

@@ -9,7 +9,7 @@ tokens, and tp-padding adds more.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -49,12 +49,12 @@ class SamplingParams:
     ignore_eos: bool = False
     n: int = 1                        # samples of one prompt sharing its prefill
     logprobs: Optional[int] = None    # None: off; k: chosen token + top-k alternatives
-    max_tokens: Optional[int] = None  # vLLM's name for max_new_tokens
+    # vLLM's name for max_new_tokens; init-only, so dataclasses.replace keeps working
+    max_tokens: InitVar[Optional[int]] = None
 
-    def __post_init__(self) -> None:
-        if self.max_tokens is not None:
-            object.__setattr__(self, "max_new_tokens", self.max_tokens)
-        object.__setattr__(self, "max_tokens", self.max_new_tokens)
+    def __post_init__(self, max_tokens: Optional[int]) -> None:
+        if max_tokens is not None:
+            object.__setattr__(self, "max_new_tokens", max_tokens)
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop or ()))

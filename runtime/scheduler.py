@@ -36,6 +36,9 @@ from dsflow.runtime.slot_cache import KV_ALIGN, SEQ_ALIGN, CacheLimitError, gear
 log = logging.getLogger("dsflow.scheduler")
 
 DEFAULT_MAX_BATCH = 8
+# Without --max-batch / --cache-mb the slots are capped by this budget per rank (at
+# least one slot): 8 x 16K tokens of a 1.3B fp32 model would be 51 GiB of address space.
+DEFAULT_CACHE_MB = 4096
 DEFAULT_PREFILL_CHUNK = 256
 
 
@@ -83,9 +86,9 @@ def plan_slots(manifest: Manifest, max_batch: Optional[int] = None,
                prefill_chunk: Optional[int] = None) -> SlotPlan:
     """Slots and capacity from the options: capacity = --max-seq-len (default and limit:
     the artifacts' max_seq_len); slots = --max-batch, or as many as --cache-mb holds
-    (both: the smaller), default 8. With shape buckets (Ascend) the capacity is rounded
-    up to a bucket, slots are capped by the largest batch gear and chunks by the
-    smallest bucket (export/pipeline/lite_build.py gears)."""
+    (both: the smaller), default 8 within DEFAULT_CACHE_MB. With shape buckets (Ascend)
+    the capacity is rounded up to a bucket, slots are capped by the largest batch gear
+    and chunks by the smallest bucket (export/pipeline/lite_build.py gears)."""
     limit = manifest.max_seq_len
     capacity = max_seq_len or limit
     if not 2 <= capacity <= limit:
@@ -98,6 +101,8 @@ def plan_slots(manifest: Manifest, max_batch: Optional[int] = None,
     if max_batch is not None and max_batch < 1:
         raise DsflowError(f"--max-batch {max_batch}: must be >= 1")
     slots = max_batch or DEFAULT_MAX_BATCH
+    if max_batch is None and cache_mb is None:
+        slots = max(1, min(slots, DEFAULT_CACHE_MB * 2**20 // (capacity * per_token)))
     if cache_mb is not None:
         fit = int(cache_mb * 2**20 // (capacity * per_token))
         if fit < 1:

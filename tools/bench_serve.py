@@ -11,8 +11,8 @@ For each N in --clients, N threads each send --requests requests one after anoth
 and the figures of vLLM's serving benchmark are taken: aggregate output tokens/s, time
 to first token (TTFT) p50/p99, inter-token latency (ITL: gap between a request's
 consecutive tokens) p50/p99. Ratios are against N=1 of the same engine. Every (N,
-mode) is run once untimed first (one request per client), so most compiles of new
-shapes are not measured, and the two modes alternate so both see the same machine.
+mode) is run once untimed first, so compiles of new shapes (~0.5 s each on an idle
+CPU) are not measured, and the two modes alternate so both see the same machine.
 
     python tools/bench_serve.py --workdir /tmp/dsflow-bench-serve      # ~10 minutes on 2 cores
     python tools/bench_serve.py --clients 1,8 --new-tokens 64 --prefill-chunk 128
@@ -96,7 +96,7 @@ def main() -> None:
     ckpt, art = work / "ckpt", work / "art-serve-tp1"
     if not (ckpt / "config.json").exists():
         make_checkpoint(ckpt, args)
-    from dsflow.export.build import BuildOptions, build
+    from dsflow.export.pipeline.build import BuildOptions, build
     from dsflow.runtime import Engine
     if not (art / "manifest.json").exists():
         build(BuildOptions(model_dir=ckpt, out=art, tp=1, max_seq_len=1024))
@@ -107,8 +107,8 @@ def main() -> None:
     results: dict = {m: {} for m in modes}
     try:
         for n in clients:
-            for m in modes:  # untimed pass: compiles this load's shapes
-                run_clients(engines[m], n, 1, args.new_tokens)
+            for m in modes:  # the same load untimed first: compiles its shapes
+                run_clients(engines[m], n, args.requests, args.new_tokens)
             for m in modes:
                 results[m][n] = r = run_clients(engines[m], n, args.requests, args.new_tokens)
                 print(f"{m:>10} clients={n:<3} {r['tok_s']:7.1f} tok/s  TTFT p50 "
