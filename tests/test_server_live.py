@@ -214,6 +214,16 @@ def test_32_concurrent_streams(live):
         assert (tokens, reason, usage) == (8 + i % 4, "length", 8 + i % 4)
 
 
+def test_device_options_are_checked_like_dsrun(export_tiny):
+    """--devices on CPU artifacts: refused before any worker starts, in one line."""
+    r = subprocess.run([sys.executable, "-m", "dsflow.runtime.server.cli", "--artifacts",
+                        str(export_tiny(1)), "--port", "0", "--devices", "0"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == ["dsserve: error: --devices applies to --device "
+                                             "ascend only"]
+
+
 # ---- faults, live -----------------------------------------------------------------------
 def test_rank_killed_under_load_then_recovery(export_tiny):
     server = Dsserve(export_tiny(2), "--restart-backoff", "0.5")
@@ -288,3 +298,4 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(live):
         assert not any(alive(p) for p in workers), "a worker outlived dsserve"
     finally:
         server.stop()
+
