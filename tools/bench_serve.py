@@ -12,16 +12,19 @@ and the figures of vLLM's serving benchmark are taken: aggregate output tokens/s
 to first token (TTFT) p50/p99, inter-token latency (ITL: gap between a request's
 consecutive tokens) p50/p99. Ratios are against N=1 of the same engine. Every (N,
 mode) is run once untimed first, so compiles of new shapes (~0.5 s each on an idle
-CPU) are not measured, and the two modes alternate so both see the same machine.
+CPU) are not measured; then --rounds rounds run every (N, mode) in turn, so all see
+the same machine (shared 2-core VMs drift by 2-3x over minutes): tokens/s is the
+median over rounds, TTFT/ITL percentiles pool every round's samples.
 
     python tools/bench_serve.py --workdir /tmp/dsflow-bench-serve      # ~10 minutes on 2 cores
-    python tools/bench_serve.py --clients 1,8 --new-tokens 64 --prefill-chunk 128
+    python tools/bench_serve.py --clients 1,8 --rounds 3 --prefill-chunk 64
 Needs the test extra (torch, transformers) to make the checkpoint.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -37,6 +40,7 @@ PROMPT_LENS = (16, 24, 32, 40, 48, 56, 64, 72)
 
 
 def run_clients(engine, clients: int, requests: int, new_tokens: int) -> dict:
+    """One round: raw TTFT and ITL samples (s), output tokens and wall time."""
     from dsflow.runtime import SamplingParams
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     ttft, itl, tokens = [], [], []
@@ -60,10 +64,17 @@ def run_clients(engine, clients: int, requests: int, new_tokens: int) -> dict:
     t0 = time.perf_counter()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
+    return {"ttft": ttft, "itl": itl, "tokens": sum(tokens), "wall": time.perf_counter() - t0}
+
+
+def summary(rounds: list[dict]) -> dict:
+    """Median tokens/s over rounds; TTFT and ITL percentiles over every round's samples."""
+    ttft = [x for r in rounds for x in r["ttft"]]
+    itl = [x for r in rounds for x in r["itl"]]
     ms = lambda xs, q: float(np.percentile(xs, q)) * 1e3  # noqa: E731
-    return {"tok_s": sum(tokens) / wall, "wall_s": wall, "ttft_p50": ms(ttft, 50),
-            "ttft_p99": ms(ttft, 99), "itl_p50": ms(itl, 50), "itl_p99": ms(itl, 99)}
+    return {"tok_s": statistics.median(r["tokens"] / r["wall"] for r in rounds),
+            "ttft_p50": ms(ttft, 50), "ttft_p99": ms(ttft, 99),
+            "itl_p50": ms(itl, 50), "itl_p99": ms(itl, 99)}
 
 
 def table(results: dict, clients: list[int]) -> str:
@@ -88,6 +99,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prefill-chunk", type=int, default=None)
     p.add_argument("--modes", default="continuous,static")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure every (clients, mode) this many times, interleaved")
     model_arguments(p)
     p.add_argument("--workdir", type=Path, default=None)
     args = p.parse_args()
@@ -104,21 +117,26 @@ def main() -> None:
     engines = {m: Engine(art, max_batch=max(clients), prefill_chunk=args.prefill_chunk,
                          scheduling=m) for m in modes}
     print(engines[modes[0]].plan.describe(), flush=True)
-    results: dict = {m: {} for m in modes}
+    raw: dict = {(m, n): [] for m in modes for n in clients}
     try:
         for n in clients:
             for m in modes:  # the same load untimed first: compiles its shapes
                 run_clients(engines[m], n, args.requests, args.new_tokens)
-            for m in modes:
-                results[m][n] = r = run_clients(engines[m], n, args.requests, args.new_tokens)
-                print(f"{m:>10} clients={n:<3} {r['tok_s']:7.1f} tok/s  TTFT p50 "
-                      f"{r['ttft_p50']:.0f} ms  ITL p50 {r['itl_p50']:.0f} / p99 "
-                      f"{r['itl_p99']:.0f} ms  ({r['wall_s']:.1f} s)", flush=True)
+        for i in range(args.rounds):
+            for n in clients:
+                for m in modes:
+                    raw[m, n].append(run_clients(engines[m], n, args.requests, args.new_tokens))
+                    r = summary(raw[m, n][-1:])
+                    print(f"round {i + 1}: {m:>10} clients={n:<3} {r['tok_s']:7.1f} tok/s  "
+                          f"TTFT p50 {r['ttft_p50']:.0f} ms  ITL p50 {r['itl_p50']:.0f} / p99 "
+                          f"{r['itl_p99']:.0f} ms", flush=True)
     finally:
         for e in engines.values():
             e.close()
+    results = {m: {n: summary(raw[m, n]) for n in clients} for m in modes}
     print(f"\n{args.requests} requests per client, {args.new_tokens} greedy tokens each, "
-          f"prompts {PROMPT_LENS[0]}..{PROMPT_LENS[-1]} tokens, tp=1, {os.cpu_count()} cores\n")
+          f"prompts {PROMPT_LENS[0]}..{PROMPT_LENS[-1]} tokens, tp=1, {os.cpu_count()} cores, "
+          f"{args.rounds} interleaved round(s); load average now {os.getloadavg()[0]:.1f}\n")
     print(table(results, clients))
 
 
