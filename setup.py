@@ -1,13 +1,14 @@
 """Package layout for dsflow; the metadata lives in pyproject.toml (PEP 621).
 
 This file remains because the repository keeps its packages at the top level
-(common/, graphs/, artifacts/, export/, runtime/) while they install as one
+(common/, graphs/, artifacts/, export/, runtime/, doctor/) while they install as one
 namespace, dsflow.*: the `package_dir` mapping below is computed, which pyproject.toml
 cannot express. Subpackages are discovered, so moving or adding one needs no edit here.
 """
 from setuptools import find_packages, setup
 
-TOP_LEVEL = ("common", "graphs", "artifacts", "export", "runtime")
+# doctor sits above export and runtime: it builds artifacts and runs them
+TOP_LEVEL = ("common", "graphs", "artifacts", "export", "runtime", "doctor")
 
 
 def packages() -> list[str]:

@@ -50,6 +50,16 @@ class Manifest(ModelDocument):
     def signature(self, kind: str) -> GraphSignature:
         return graph_signature(kind, self.config, self.tp, self.cache_dtype)
 
+    def check_signatures(self) -> None:
+        """Every graph's recorded inputs are this dsflow's signature for it: artifacts
+        built by a dsflow whose graphs took other inputs (or another order: the decode
+        inputs were reordered to name order) would be fed the wrong tensors."""
+        for g in self.data["graphs"]:
+            if "inputs" in g and g["inputs"] != self.signature(g["kind"]).to_dict()["inputs"]:
+                raise ManifestError(f"{self.root / g['file']}: its inputs differ from this "
+                                    f"dsflow's {g['kind']} signature (built by another "
+                                    "version); rebuild the artifacts with `dsexport build`")
+
     @property
     def kv_bytes_per_token(self) -> int:
         """Keys and values of one token in one rank's slot cache."""

@@ -12,6 +12,7 @@ primitive with `transpose_b=True`, which reads the HF [out, in] weight in place.
 from __future__ import annotations
 
 from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common import dtype as mstype
 from mindspore.common.initializer import Zero
 
 # The communication group baked into exported graphs. Ascend's native world group;
@@ -28,8 +29,13 @@ def weight(shape: tuple[int, ...], dtype) -> Parameter:
 
 
 def iota_like(t):
-    """0, 1, ..., n-1 for a 1-D int tensor of length n (works with dynamic n)."""
-    return ops.cumsum(ops.ones_like(t), 0) - 1
+    """0, 1, ..., n-1 as int32 for a 1-D tensor `t` of length n, whatever t's dtype
+    (works with a dynamic n).
+
+    Always int32: a count kept in the compute dtype stops at 2048 in fp16 (256 in
+    bf16), so slot indices built from a cache tensor silently collided past 2K tokens
+    (issue 7). Indices, positions and lengths never pass through a float here."""
+    return ops.cumsum(ops.ones_like(t, dtype=mstype.int32), 0) - 1
 
 
 class Linear(nn.Cell):

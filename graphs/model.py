@@ -183,9 +183,15 @@ class RankModel(nn.Cell):
         return self.lm_head(self.model.norm(x)).astype(ms.float32)
 
 
+def last_token_rows(valid_length, seq):
+    """Row of each prompt's last real token in the flattened [batch * seq] activations:
+    b * seq + valid_length[b] - 1, in int32 like every index (never the compute dtype)."""
+    return iota_like(valid_length) * seq + valid_length - 1
+
+
 class PrefillGraph(nn.Cell):
-    """(input_ids [b, s], start [b], valid_length [b], key/value window) ->
-    (logits of each row's last real token, the chunk's K, V).
+    """(input_ids [b, s], key_window, start [b], valid_length [b], value_window) ->
+    (logits of each row's last real token, the chunk's K, V); inputs in name order.
 
     Row b holds tokens start[b] .. start[b] + valid_length[b] - 1 of its sequence,
     right-padded; they attend to window positions < start[b] and causally to each
@@ -197,7 +203,7 @@ class PrefillGraph(nn.Cell):
         super().__init__(auto_prefix=False)
         self.net = net
 
-    def construct(self, input_ids, start, valid_length, key_window, value_window):
+    def construct(self, input_ids, key_window, start, valid_length, value_window):
         m = self.net
         seq = ops.shape(input_ids)[1]
         pos = iota_like(input_ids[0])
@@ -216,14 +222,14 @@ class PrefillGraph(nn.Cell):
             keys = keys + (k,)
             values = values + (v,)
             i = i + 1
-        last = iota_like(valid_length) * seq + valid_length - 1
-        logits = m.logits(ops.gather(x, last, 0))
+        logits = m.logits(ops.gather(x, last_token_rows(valid_length, seq), 0))
         key, value = m.attention.window_end(keys, values)
         return logits, key, value
 
 
 class DecodeGraph(nn.Cell):
-    """(input_ids [b], positions [b], key/value window) -> (logits [b, vocab/tp], K, V).
+    """(input_ids [b], key_window, positions [b], value_window) -> (logits [b, vocab/tp],
+    K, V); inputs in name order like every signature (graphs/signatures.py).
 
     Row b's token sits at positions[b] and attends to window positions < positions[b]
     and itself; its K/V [layers, b, kv_heads, 1, hd] are returned for the worker to
@@ -234,7 +240,7 @@ class DecodeGraph(nn.Cell):
         super().__init__(auto_prefix=False)
         self.net = net
 
-    def construct(self, input_ids, positions, key_window, value_window):
+    def construct(self, input_ids, key_window, positions, value_window):
         m = self.net
         ctx = m.attention.window_context(key_window, value_window, positions)
         cos, sin = m.rotary.cos_sin(ops.expand_dims(positions, 1))  # [b, 1, 1, hd]

@@ -25,6 +25,13 @@ masked, so the rounding is never seen.
   kernels write the token into their copy of the window before attending).
 
 Positions, starts and lengths are int32 whatever the compute dtype.
+
+Inputs are listed in name order. GE (the Ascend graph engine) pairs the entries of
+`ge.inputShape` and the values of each dynamic-dims gear with the graph's Data nodes by
+position: current GE sorts the nodes by name first (CANN ge
+compiler/graph/preprocess/multi_batch_options.cc, SortDataNodesByName), older GE took
+them in graph order. With graph order = name order the two agree, and the Lite configs
+(export/pipeline/lite_build.py) can follow the signature; `check_input_order` enforces it.
 """
 from __future__ import annotations
 
@@ -72,6 +79,15 @@ class GraphSignature:
         return tuple(t.name for t in self.inputs)
 
 
+def check_input_order(sig: GraphSignature) -> None:
+    """Refuse a signature whose inputs are not in name order (see the module docstring);
+    names compare bytewise, as GE's std::string does."""
+    names = [t.name for t in sig.inputs]
+    if names != sorted(names, key=str.encode):
+        raise ValueError(f"{sig.kind} graph inputs {names} are not in name order; GE pairs "
+                         "ge.inputShape with Data nodes sorted by name (graphs/signatures.py)")
+
+
 def cache_shape(cfg: ModelConfig, tp: int, kv_len: Dim = KV_LEN) -> tuple[Dim, ...]:
     """A window of the slot cache: [layers, batch, kv_heads / tp, kv_len, head_dim]."""
     sizes = rank_sizes(cfg, tp)
@@ -85,15 +101,17 @@ def graph_signature(kind: str, cfg: ModelConfig, tp: int, dtype: str) -> GraphSi
     window = (TensorSpec("key_window", cache_shape(cfg, tp), dtype),
               TensorSpec("value_window", cache_shape(cfg, tp), dtype))
     if kind == "prefill":
-        inputs = (TensorSpec("input_ids", (BATCH, SEQ), "int32"),
+        inputs = (TensorSpec("input_ids", (BATCH, SEQ), "int32"), window[0],
                   TensorSpec("start", (BATCH,), "int32"),
-                  TensorSpec("valid_length", (BATCH,), "int32"), *window)
+                  TensorSpec("valid_length", (BATCH,), "int32"), window[1])
         new = cache_shape(cfg, tp, SEQ)
     elif kind == "decode":
-        inputs = (TensorSpec("input_ids", (BATCH,), "int32"),
-                  TensorSpec("positions", (BATCH,), "int32"), *window)
+        inputs = (TensorSpec("input_ids", (BATCH,), "int32"), window[0],
+                  TensorSpec("positions", (BATCH,), "int32"), window[1])
         new = cache_shape(cfg, tp, 1)
     else:
         raise ValueError(f"unknown graph kind {kind!r}; expected one of {GRAPH_KINDS}")
     outputs = (logits, TensorSpec("key", new, dtype), TensorSpec("value", new, dtype))
-    return GraphSignature(kind, inputs, outputs)
+    sig = GraphSignature(kind, inputs, outputs)
+    check_input_order(sig)
+    return sig

@@ -12,7 +12,7 @@ import click
 from dsflow.common.cli import (CONTEXT_SETTINGS, read_stdin_text, run_command, setup_logging,
                                version_option)
 from dsflow.common.errors import DsflowError, OptionError
-from dsflow.runtime.cli_options import engine_options
+from dsflow.runtime.cli_options import apply_version_override, engine_options
 from dsflow.runtime.sampling import SamplingParams
 
 
@@ -88,7 +88,8 @@ def main(artifacts: Path, prompts: tuple[str, ...], max_new_tokens: int, tempera
          stop_token_ids: tuple[int, ...], n: int, chat: bool, suffix: Optional[str],
          max_batch: Optional[int], max_seq_len: Optional[int], cache_mb: Optional[float],
          prefill_chunk: Optional[int], as_json: bool, verify: bool, device: Optional[str],
-         devices: Optional[str], quiet: bool, verbose: bool) -> None:
+         devices: Optional[str], allow_version_mismatch: bool, quiet: bool,
+         verbose: bool) -> None:
     """Generate text from a DeepSeek-Coder model exported by `dsexport build`.
 
     \b
@@ -113,6 +114,7 @@ def main(artifacts: Path, prompts: tuple[str, ...], max_new_tokens: int, tempera
         raise OptionError("--suffix (fill in the middle) and --chat cannot be combined")
     from dsflow.common.options import int_list
     from dsflow.runtime.engine import Engine
+    apply_version_override(allow_version_mismatch)
     try:
         params.check()
     except DsflowError as e:

@@ -3,6 +3,7 @@ the files are checked first, and how the engine sizes its KV cache. Declared onc
 both commands say the same; each is an Engine argument of the same name."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -20,6 +21,10 @@ ENGINE_OPTIONS = (
     click.option("--devices", default=None,
                  help="Ascend card of each rank, comma-separated (e.g. 0,1,2,3). Default "
                       "0..tp-1."),
+    click.option("--allow-version-mismatch", is_flag=True,
+                 help="ascend: run although the installed mindspore_lite's release differs "
+                      "from the MindSpore that exported the graphs (refused by default: GE's "
+                      "operator adapters change between releases)."),
     click.option("--max-batch", type=int, default=None,
                  help="Sequences the KV cache holds at once (default 8, or what --cache-mb "
                       "holds)."),
@@ -37,3 +42,11 @@ def engine_options(command: Callable) -> Callable:
     for option in reversed(ENGINE_OPTIONS):
         command = option(command)
     return command
+
+
+def apply_version_override(allow_version_mismatch: bool) -> None:
+    """--allow-version-mismatch reaches each rank's Lite backend through the environment
+    the workers inherit (runtime/backends/lite.py reads it)."""
+    if allow_version_mismatch:
+        from dsflow.runtime.backends.lite import VERSION_OVERRIDE_ENV
+        os.environ[VERSION_OVERRIDE_ENV] = "1"

@@ -26,7 +26,7 @@ import threading
 import time
 from multiprocessing.connection import Connection, Listener, wait
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from dsflow.runtime.backends.mindspore import THREADS_ENV
 from dsflow.runtime.protocol import AUTHKEY_ENV, WorkerError
@@ -56,8 +56,12 @@ class Cluster:
 
     def __init__(self, artifacts: Path, tp: int, verbose: bool = False,
                  threads_per_rank: Optional[int] = None, device: str = "cpu",
-                 device_ids: Optional[list[int]] = None):
+                 device_ids: Optional[list[int]] = None,
+                 on_progress: Optional[Callable[[str], None]] = None):
         self.artifacts = Path(artifacts).resolve()
+        # start-up progress lines from the workers (Lite warm-up), stderr by default
+        self.on_progress = on_progress or (lambda line: print(line, file=sys.stderr,
+                                                              flush=True))
         self.tp = tp
         self.device = device
         self.device_ids = list(device_ids) if device_ids is not None else list(range(tp))
@@ -133,6 +137,10 @@ class Cluster:
         while pending:
             for conn in self._wait(pending, deadline):
                 op, info = conn.recv()
+                if op == "progress":  # a rank is busy starting up: give it more time
+                    self.on_progress(info["message"])
+                    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+                    continue
                 self._raise_if_error(op, info)
                 self.conns[info["rank"]] = conn
                 self.ready[info["rank"]] = info

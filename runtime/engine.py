@@ -83,6 +83,7 @@ class Engine:
         scheduling: "continuous" (join and leave the running batch at every step) or
         "static" (one batch at a time: admit only when nothing runs; for comparison)."""
         self.manifest: Manifest = read_manifest(artifacts)
+        self.manifest.check_signatures()
         if verify:
             self.manifest.verify()
         self.device = check_device(self.manifest, device, device_ids)

@@ -33,18 +33,24 @@ class SlotBackend:
     def __init__(self, manifest: Manifest, batch_sizes: Optional[Sequence[int]] = None):
         cfg = manifest.config
         self.shape = (cfg.num_layers, cfg.num_kv_heads // manifest.tp, cfg.head_dim)
+        self.sigs = {k: manifest.signature(k) for k in ("prefill", "decode")}
         self.fixed_gears = sorted(batch_sizes) if batch_sizes else None
-        self.gears: list[int] = []
+        self.row_gears: list[int] = []
         self.cache: Optional[SlotCache] = None
 
     def _run(self, kind: str, inputs: list[np.ndarray]) -> tuple[np.ndarray, ...]:
+        """Run graph `kind` on its inputs in signature order -> (logits, key, value)."""
         raise NotImplementedError
+
+    def _inputs(self, kind: str, named: dict) -> list[np.ndarray]:
+        """The graph's inputs in its signature's order (name order, graphs/signatures.py)."""
+        return [named[name] for name in self.sigs[kind].input_names()]
 
     def configure(self, slots: int, capacity: int) -> dict:
         """Allocate the slot cache (once per cluster start)."""
         self.cache = None  # free the old one first
         self.cache = SlotCache(*self.shape, slots, capacity, self.cache_dtype)
-        self.gears = self.fixed_gears or batch_gears(slots)
+        self.row_gears = self.fixed_gears or batch_gears(slots)
         return {"cache_bytes": self.cache.nbytes}
 
     def _window(self, slot_ids: np.ndarray, lengths: np.ndarray, kv_len: int, rows: int):
@@ -58,21 +64,23 @@ class SlotBackend:
     def prefill(self, slot_ids: np.ndarray, input_ids: np.ndarray, start: np.ndarray,
                 valid_length: np.ndarray, kv_len: int) -> np.ndarray:
         n = input_ids.shape[0]
-        rows = gear(n, self.gears, 1, "batch")
+        rows = gear(n, self.row_gears, 1, "batch")
         key, value = self._window(slot_ids, start, kv_len, rows)
-        logits, k_new, v_new = self._run("prefill", [
-            pad_rows(input_ids, rows, 0), pad_rows(start, rows, 0),
-            pad_rows(valid_length, rows, 1), key, value])
+        logits, k_new, v_new = self._run("prefill", self._inputs("prefill", {
+            "input_ids": pad_rows(input_ids, rows, 0), "start": pad_rows(start, rows, 0),
+            "valid_length": pad_rows(valid_length, rows, 1), "key_window": key,
+            "value_window": value}))
         self.cache.write(slot_ids, start, valid_length, k_new, v_new)
         return logits[:n]
 
     def decode(self, slot_ids: np.ndarray, input_ids: np.ndarray, positions: np.ndarray,
                kv_len: int) -> np.ndarray:
         n = input_ids.shape[0]
-        rows = gear(n, self.gears, 1, "batch")
+        rows = gear(n, self.row_gears, 1, "batch")
         key, value = self._window(slot_ids, positions, kv_len, rows)
-        logits, k_new, v_new = self._run("decode", [
-            pad_rows(input_ids, rows, 0), pad_rows(positions, rows, 0), key, value])
+        logits, k_new, v_new = self._run("decode", self._inputs("decode", {
+            "input_ids": pad_rows(input_ids, rows, 0), "positions": pad_rows(positions, rows, 0),
+            "key_window": key, "value_window": value}))
         self.cache.write(slot_ids, positions, np.ones(n, np.int32), k_new, v_new)
         return logits[:n]
 

@@ -17,6 +17,9 @@ from multiprocessing.connection import Client
 
 from dsflow.runtime.protocol import AUTHKEY_ENV
 
+# "0": skip the start-up warm-up of backends that have one (Lite: every GE gear once).
+WARMUP_ENV = "DSFLOW_WARMUP"
+
 
 def _watch_parent(parent_pid: int) -> None:
     def loop() -> None:
@@ -82,6 +85,22 @@ def make_backend(manifest, rank: int, device: str, device_id: int):
     return MindSporeBackend(manifest, rank)
 
 
+def _finish_startup(conn, backend, rank: int, load_s: float) -> float:
+    """Pass on a backend's start-up warning, and let a backend that compiles lazily
+    (Lite: one GE gear at a time) compile every shape now; each line goes to the
+    coordinator as a "progress" message. Returns the warm-up seconds."""
+    def report(line: str) -> None:
+        conn.send(("progress", {"rank": rank, "message": line}))
+    if getattr(backend, "version_warning", None):
+        report(f"rank {rank}: warning: {backend.version_warning}")
+    warm_up = getattr(backend, "warm_up", None)
+    if warm_up is None or os.environ.get(WARMUP_ENV) == "0":
+        return 0.0
+    report(f"rank {rank}: graphs built in {load_s:.1f} s; warming up "
+           f"{len(backend.gears())} gear(s) (first start-up only is slow)")
+    return warm_up(report)
+
+
 def run_worker(args: argparse.Namespace) -> int:
     from dsflow.artifacts.manifest import read_manifest
 
@@ -91,8 +110,10 @@ def run_worker(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         manifest = read_manifest(args.artifacts)
         backend = make_backend(manifest, args.rank, args.device, args.device_id)
-        conn.send(("ready", {"rank": args.rank, "pid": os.getpid(),
-                             "load_s": time.perf_counter() - t0, **_memory()}))
+        load_s = time.perf_counter() - t0
+        warm_up_s = _finish_startup(conn, backend, args.rank, load_s)
+        conn.send(("ready", {"rank": args.rank, "pid": os.getpid(), "load_s": load_s,
+                             "warm_up_s": warm_up_s, **_memory()}))
         _serve(conn, backend)
         return 0
     except BaseException as e:  # report, then die: the coordinator tears the cluster down

@@ -23,6 +23,8 @@ from mindspore import Tensor, nn
 
 from dsflow.graphs.config import ModelConfig
 from dsflow.graphs.kernels import ascend as kernels_ascend, portable as kernels_portable
+from dsflow.graphs.layers import iota_like
+from dsflow.graphs.model import last_token_rows
 
 B, S, N, NKV, D, KV = 2, 6, 4, 2, 16, 8  # GQA: 2 query heads per KV head
 CFG = ModelConfig(vocab_size=64, hidden_size=N * D, intermediate_size=48, num_layers=1,
@@ -374,3 +376,111 @@ def test_fused_operator_has_no_cpu_kernel_or_matches_its_model(name, tmp_path, m
         assert f"Unsupported op [{name}] on CPU" in str(e), str(e)[:500]
         return
     np.testing.assert_allclose(np.asarray(out, np.float32), ref(), rtol=2e-3, atol=2e-3)
+
+
+# ---- past 2048 positions in 16-bit dtypes (issue 7) ------------------------------------
+# fp16 counts every integer only up to 2048 (bf16 up to 256): an index, position or
+# length that passes through the compute dtype silently collides beyond. These run the
+# non-fused parts of both kernel sets at kv_len > 2048 and > 4096 with the Ascend dtype
+# policy (fp16 cache; bf16 where weights enter) against numpy, in int arithmetic.
+LONG = (2100, 4200)
+
+
+def iota_of(_, x):
+    return iota_like(x[0, 0, 0, :, 0])
+
+
+@pytest.mark.parametrize("dtype", [ms.float16, ms.bfloat16])
+def test_iota_like_counts_past_2048_in_int32_whatever_the_dtype(dtype):
+    out = Call(None, iota_of)(Tensor(np.zeros((1, 1, 1, 5000, 1), np.float32), dtype)).asnumpy()
+    assert out.dtype == np.int32
+    np.testing.assert_array_equal(out, np.arange(5000))
+
+
+def long_decode_inputs(kv_len: int):
+    """fp16 caches of kv_len slots; positions past 2048 (and past 4096 when possible);
+    the slots after each position hold large garbage that must never be attended."""
+    positions = np.array([2049, kv_len - 2], np.int32)
+    key_cache = randn(1, B, NKV, kv_len, D, seed=4)
+    value_cache = randn(1, B, NKV, kv_len, D, seed=5)
+    for b, p in enumerate(positions):
+        value_cache[0, b, :, p + 1:] = 100.0
+    return positions, key_cache.astype(np.float16), value_cache.astype(np.float16)
+
+
+@pytest.mark.parametrize("kv_len", LONG)
+def test_ascend_decode_mask_offsets_lengths_past_2048_fp16_cache(kv_len):
+    positions, key_cache, value_cache = long_decode_inputs(kv_len)
+    masked, offsets, lengths = run(kernels_ascend.Attention(CFG, 1), decode_context,
+                                   key_cache, value_cache, positions)
+    slots = np.arange(kv_len)
+    np.testing.assert_array_equal(masked[:, 0, 0], slots[None, :] > positions[:, None])
+    assert offsets.dtype == lengths.dtype == np.int64
+    np.testing.assert_array_equal(offsets, positions)
+    np.testing.assert_array_equal(lengths, positions + 1)
+
+
+@pytest.mark.parametrize("kv_len", LONG)
+def test_portable_decode_past_2048_fp16_matches_numpy(kv_len):
+    """The whole portable decode step in fp16 (mask, attention over the window and the
+    new token) against the numpy model of a cache written at the position; stale slots
+    after the position hold 100s."""
+    positions, key_cache, value_cache = long_decode_inputs(kv_len)
+    q, k, v = (randn(B, 1, h, D, seed=s).astype(np.float16)
+               for h, s in ((N, 6), (NKV, 7), (NKV, 8)))
+    out, new_k, new_v = run(kernels_portable.Attention(CFG, 1), _portable_decode,
+                            q, k, v, key_cache, value_cache, positions)
+    ref_k = ref_kv_cache_scatter_update(key_cache[0], positions, bnsd(k))
+    ref_v = ref_kv_cache_scatter_update(value_cache[0], positions, bnsd(v))
+    np.testing.assert_array_equal(new_k[0], bnsd(k))  # the new K/V, for the slots
+    np.testing.assert_array_equal(new_v[0], bnsd(v))
+    masked = (np.arange(kv_len)[None, :] > positions[:, None])[:, None, None, :]
+    ref = _gqa_attention(bnsd(q).astype(np.float32), ref_k.astype(np.float32),
+                         ref_v.astype(np.float32), masked, SCALE)
+    np.testing.assert_allclose(out.astype(np.float32), ref.reshape(B, N * D),
+                               rtol=2e-2, atol=2e-2)
+
+
+def prefill_mask_from_ids(a, input_ids):
+    return a.prefill_mask(iota_like(input_ids[0]))
+
+
+@pytest.mark.parametrize("seq", LONG)
+def test_prefill_masks_past_2048(seq):
+    """Both kernel sets' causal masks, built from positions as PrefillGraph builds them."""
+    ids = np.zeros((1, seq), np.int32)
+    causal = np.tril(np.ones((seq, seq), bool))
+    masked = run(kernels_ascend.Attention(CFG, 1), prefill_mask_from_ids, ids)
+    np.testing.assert_array_equal(masked[0, 0], ~causal)
+    visible = run(kernels_portable.Attention(CFG, 1), prefill_mask_from_ids, ids)
+    groups = N // NKV
+    np.testing.assert_array_equal(visible[0, 0].reshape(groups, seq, seq),
+                                  np.broadcast_to(causal, (groups, seq, seq)))
+
+
+def last_rows(_, valid_length, input_ids):
+    return last_token_rows(valid_length, input_ids.shape[1])
+
+
+def test_prefill_last_token_rows_past_2048():
+    lengths = np.array([1, 2049, 4097], np.int32)
+    rows = run(None, last_rows, lengths, np.zeros((3, 4200), np.int32))
+    assert rows.dtype == np.int32
+    np.testing.assert_array_equal(rows, np.arange(3) * 4200 + lengths - 1)
+
+
+def cos_sin_fp32(r, positions):
+    cos, sin = r.cos_sin(positions)
+    return cos.astype(ms.float32), sin.astype(ms.float32)
+
+
+@pytest.mark.parametrize("dtype", [ms.float16, ms.bfloat16])
+def test_rotary_cos_sin_past_2048_in_16_bit_dtypes(dtype):
+    """Positions reach cos/sin through fp32 (exact to 2**24); only the result is cast."""
+    positions = np.array([[0, 2047, 2049, 4097, 4200, 16383]], np.int32)
+    rotary = kernels_portable.Rotary(D, CFG.rope_theta, CFG.rope_scaling_factor, dtype)
+    cos, sin = run(rotary, cos_sin_fp32, positions)
+    ref_cos, ref_sin = ref_hf_cos_sin(positions, D, CFG.rope_theta, CFG.rope_scaling_factor)
+    tol = 1e-2 if dtype == ms.bfloat16 else 1e-3
+    np.testing.assert_allclose(cos[:, :, 0], ref_cos, atol=tol)
+    np.testing.assert_allclose(sin[:, :, 0], ref_sin, atol=tol)

@@ -18,7 +18,7 @@ import pytest
 from conftest import CONFIGS_DIR
 from dsflow.export.pipeline import lite_build as lb
 from dsflow.artifacts import lite as lite_names
-from dsflow.artifacts.manifest import Manifest
+from dsflow.artifacts.manifest import Manifest, write_manifest
 from dsflow.graphs.config import config_from_hf_dict, load_config
 from dsflow.graphs.signatures import graph_signature
 
@@ -36,6 +36,7 @@ def manifest_data(tp: int, dtype: str = "float16", buckets=BUCKETS) -> dict:
                **graph_signature(k, CFG, tp, dtype).to_dict()}
               for r in range(tp) for k in ("prefill", "decode")]
     return {"model": CFG.to_dict(), "tp": tp, "dtype": dtype, "buckets": buckets,
+            "mindspore_version": "2.10.0", "created": "2026-11-30T12:00:00+0000",
             "kv_cache": {"max_seq_len": 64, "dtype": dtype}, "graphs": graphs}
 
 
@@ -47,10 +48,17 @@ def artifacts(root: Path, tp: int, dtype: str = "float16", env=None, **kw) -> tu
     result = lb.lite_stage(root, data, env=env if env is not None else {"PATH": ""}, **kw)
     lb.apply_lite_entries(data["graphs"], result)
     data["lite"] = result["section"]
+    write_manifest(root, data)  # the fake's get_inputs() reads the signatures there
     return Manifest(root, data), result
 
 
-def fake_converter(bin_dir: Path, rc: int = 0) -> Path:
+def with_cann(tmp_path: Path, env: dict) -> dict:
+    """`env` plus what CANN's set_env.sh exports (the converter tests need CANN)."""
+    (tmp_path / "cann").mkdir(exist_ok=True)
+    return {**env, "ASCEND_HOME_PATH": str(tmp_path / "cann")}
+
+
+def fake_converter(bin_dir: Path, rc: int = 0, says: str = "CONVERT RESULT FAILED:-1") -> Path:
     bin_dir.mkdir(parents=True, exist_ok=True)
     conv = bin_dir / "converter_lite"
     conv.write_text(f"""#!/usr/bin/env bash
@@ -58,7 +66,8 @@ echo "$@ LD=${{LD_LIBRARY_PATH:-}}" >> "{bin_dir}/calls.log"
 for a in "$@"; do case "$a" in --outputFile=*) out="${{a#--outputFile=}}";;
   --modelFile=*) in="${{a#--modelFile=}}";; esac; done
 [ -f "$in" ] || {{ echo "no model $in"; exit 3; }}
-if [ {rc} -ne 0 ]; then echo "CONVERT RESULT FAILED:-1"; exit {rc}; fi
+echo partial > "$out.mindir"
+if [ {rc} -ne 0 ]; then echo "{says}"; exit {rc}; fi
 echo converted > "$out.mindir"; echo "CONVERT RESULT SUCCESS:0"
 """)
     conv.chmod(0o755)
@@ -78,10 +87,10 @@ def test_ini_tiny_batch1_matches_signature_and_buckets():
                                          "rank_table_file": "rank_table.json"}
         assert ini["ge_session_options"] == dict(lb.SESSION_OPTIONS)
         shape = ini["ge_graph_options"]["ge.inputShape"].split(";")
-        assert [s.split(":")[0] for s in shape] == [t.name for t in sig.inputs]
+        assert [s.split(":")[0] for s in shape] == sorted(t.name for t in sig.inputs)
         gears = [g.split(",") for g in ini["ge_graph_options"]["ge.dynamicDims"].split(";")]
-        chunk = {BUCKETS[0]} if kind == "prefill" else set()  # seq: the smallest bucket
-        assert [set(map(int, g)) for g in gears] == [{b} | chunk for b in BUCKETS]
+        # only kv_len varies (a prefill chunk's seq is static: the smallest bucket)
+        assert [set(map(int, g)) for g in gears] == [{b} for b in BUCKETS]
         assert ini["ge_graph_options"]["ge.dynamicNodeType"] == "1"
 
 
@@ -91,26 +100,88 @@ def test_ini_33b_tp4():
     pre = graph_options(lb.lite_config(graph_signature("prefill", cfg, 4, "bfloat16"), buckets))
     dec = graph_options(lb.lite_config(graph_signature("decode", cfg, 4, "bfloat16"), buckets))
     window = "62,1,2,-1,128"  # [layers, batch, kv heads per rank, kv_len, head dim]
-    assert pre["ge.inputShape"] == (f"input_ids:1,-1;start:1;valid_length:1;"
-                                    f"key_window:{window};value_window:{window}")
-    assert pre["ge.dynamicDims"] == ";".join(f"512,{b},{b}" for b in buckets)
-    assert dec["ge.inputShape"] == (f"input_ids:1;positions:1;key_window:{window};"
+    assert pre["ge.inputShape"] == (f"input_ids:1,512;key_window:{window};start:1;"
+                                    f"valid_length:1;value_window:{window}")
+    assert pre["ge.dynamicDims"] == ";".join(f"{b},{b}" for b in buckets)
+    assert dec["ge.inputShape"] == (f"input_ids:1;key_window:{window};positions:1;"
                                     f"value_window:{window}")
     assert dec["ge.dynamicDims"] == ";".join(f"{b},{b}" for b in buckets)
 
 
 def test_batch_gears_and_limit():
     sig = graph_signature("decode", CFG, 1, "float16")
-    assert lb.ge_input_shape(sig, [1, 4]) == ("input_ids:-1;positions:-1;"
-                                              "key_window:2,-1,2,-1,8;value_window:2,-1,2,-1,8")
+    assert lb.ge_input_shape(sig, [16, 32], [1, 4]) == (
+        "input_ids:-1;key_window:2,-1,2,-1,8;positions:-1;value_window:2,-1,2,-1,8")
     dims = lb.ge_dynamic_dims(sig, [16, 32], [4, 1]).split(";")
-    assert dims == ["1,1,1,16,1,16", "1,1,1,32,1,32", "4,4,4,16,4,16", "4,4,4,32,4,32"]
-    assert lb.ge_dynamic_dims(graph_signature("prefill", CFG, 1, "float16"), [16], [1, 2]) \
-        == "1,16,1,1,1,16,1,16;2,16,2,2,2,16,2,16"
+    assert dims == ["1,1,16,1,1,16", "1,1,32,1,1,32", "4,4,16,4,4,16", "4,4,32,4,4,32"]
+    prefill = graph_signature("prefill", CFG, 1, "float16")  # chunk: the smallest bucket
+    assert lb.ge_input_shape(prefill, [16], [1, 2]) == (
+        "input_ids:-1,16;key_window:2,-1,2,16,8;start:-1;valid_length:-1;"
+        "value_window:2,-1,2,16,8")
+    assert lb.ge_dynamic_dims(prefill, [16], [1, 2]) == "1,1,1,1,1;2,2,2,2,2"
     with pytest.raises(lb.LiteBuildError, match="at most 100"):
         lb.gears(list(range(1, 12)), list(range(1, 11)))
     with pytest.raises(lb.LiteBuildError, match="positive"):
         lb.gears([0, 16])
+
+
+@pytest.mark.parametrize("buckets", [[4096], [64]])
+def test_one_gear_is_written_as_static_shapes(buckets):
+    """GE refuses dynamicDims with fewer than 2 gears (E10035): `--buckets 4096`, or a
+    --max-seq-len <= 512 whose only bucket is max_seq, must give static shapes."""
+    n = buckets[0]
+    pre = graph_options(lb.lite_config(graph_signature("prefill", CFG, 1, "float16"), buckets))
+    dec = graph_options(lb.lite_config(graph_signature("decode", CFG, 2, "float16"), buckets))
+    assert pre == {"ge.inputShape": f"input_ids:1,{n};key_window:2,1,2,{n},8;start:1;"
+                                    f"valid_length:1;value_window:2,1,2,{n},8"}
+    assert dec == {"ge.inputShape": f"input_ids:1;key_window:2,1,1,{n},8;positions:1;"
+                                    f"value_window:2,1,1,{n},8"}
+
+
+def ge_shapes_per_gear(graph_input_names: list, ini_text: str, by_name: bool) -> list:
+    """What GE does with the ini, after CANN ge compiler/graph/preprocess/
+    multi_batch_options.cc: Data nodes sorted by name (SortDataNodesByName; older GE: in
+    graph order); the i-th ge.inputShape entry goes to the i-th node (UpdateNameOfData),
+    and each gear's values fill the -1s entry after entry (ParserDataToDynamicInfo).
+    -> per gear, {node name: shape}; a single static gear when there is no dynamicDims."""
+    opts = graph_options(ini_text)
+    entries = [e.rsplit(":", 1)[1] for e in opts["ge.inputShape"].split(";")]
+    shapes = [[int(d) for d in e.split(",")] for e in entries]
+    nodes = sorted(graph_input_names, key=str.encode) if by_name else list(graph_input_names)
+    assert len(nodes) == len(shapes)
+    gears = [[int(v) for v in g.split(",")] for g in opts["ge.dynamicDims"].split(";")] \
+        if "ge.dynamicDims" in opts else [[]]
+    out = []
+    for gear in gears:
+        values = iter(gear)
+        out.append({node: [next(values) if d == -1 else d for d in shape]
+                    for node, shape in zip(nodes, shapes)})
+    return out
+
+
+@pytest.mark.parametrize("by_name", [True, False])  # current GE, older GE
+@pytest.mark.parametrize("kind", ["prefill", "decode"])
+@pytest.mark.parametrize("batch_sizes", [[1], [1, 2]])
+def test_ge_pairs_every_input_with_its_own_shape_in_every_gear(kind, batch_sizes, by_name):
+    sig = graph_signature(kind, CFG, 2, "float16")
+    got = ge_shapes_per_gear([t.name for t in sig.inputs],
+                             lb.lite_config(sig, BUCKETS, batch_sizes), by_name)
+    want = []
+    for batch, length in lb.gears(BUCKETS, batch_sizes):
+        dims = {"batch": batch, "seq": BUCKETS[0], "kv_len": length}  # chunk: smallest bucket
+        want.append({t.name: [d if isinstance(d, int) else dims[d] for d in t.shape]
+                     for t in sig.inputs})
+    assert got == want
+
+
+def test_signatures_out_of_name_order_are_refused():
+    from dsflow.graphs.signatures import GraphSignature, TensorSpec, check_input_order
+    sig = GraphSignature("decode", (TensorSpec("positions", ("batch",), "int32"),
+                                    TensorSpec("key_cache", ("batch",), "float16")), ())
+    with pytest.raises(ValueError, match="not in name order"):
+        check_input_order(sig)
+    with pytest.raises(ValueError, match="not in name order"):
+        lb.lite_config(sig, BUCKETS)
 
 
 # ---- rank table ---------------------------------------------------------------------
@@ -135,7 +206,8 @@ def test_rank_table_template_and_check(tmp_path):
 # ---- converter ----------------------------------------------------------------------
 def test_converter_on_path_converts_every_graph(tmp_path):
     conv = fake_converter(tmp_path / "bin")
-    manifest, result = artifacts(tmp_path / "art", 2, env={"PATH": str(conv.parent)})
+    manifest, result = artifacts(tmp_path / "art", 2,
+                                 env=with_cann(tmp_path, {"PATH": str(conv.parent)}))
     assert result["notice"].startswith("Fill in device_ip")  # converted; rank table to fill
     assert not (tmp_path / "art" / lb.SCRIPT_NAME).exists()
     for r in range(2):
@@ -159,7 +231,8 @@ def test_converter_under_mslite_home_gets_its_libs(tmp_path):
     assert found.path == conv
     assert found.env["LD_LIBRARY_PATH"].split(":")[0] == str(home / "tools/converter/lib")
     assert lb.find_converter({"PATH": "", "MSLITE_HOME": str(tmp_path / "nowhere")}) is None
-    _, result = artifacts(tmp_path / "art", 1, env={"PATH": "", "MSLITE_HOME_PATH": str(home)})
+    _, result = artifacts(tmp_path / "art", 1,
+                          env=with_cann(tmp_path, {"PATH": "", "MSLITE_HOME_PATH": str(home)}))
     assert {e["stage"] for e in result["graphs"].values()} == {"lite"}
     log = (conv.parent / "calls.log").read_text()
     assert log.count(f"LD={home / 'tools/converter/lib'}") == 2
@@ -168,13 +241,38 @@ def test_converter_under_mslite_home_gets_its_libs(tmp_path):
 def test_failing_converter_reports_its_output(tmp_path):
     conv = fake_converter(tmp_path / "bin", rc=2)
     with pytest.raises(lb.LiteBuildError, match="exit 2.*\n.*CONVERT RESULT FAILED"):
-        artifacts(tmp_path / "art", 1, env={"PATH": str(conv.parent)})
+        artifacts(tmp_path / "art", 1, env=with_cann(tmp_path, {"PATH": str(conv.parent)}))
+
+
+def assert_left_to_the_script(manifest, result, why: str) -> None:
+    assert why in result["notice"] and lb.SCRIPT_NAME in result["notice"]
+    assert all(e["stage"] == "mindir" for e in result["graphs"].values())
+    assert (manifest.root / lb.SCRIPT_NAME).is_file()
+    for r in range(manifest.tp):  # no partial conversion output is left to be picked up
+        for kind in ("prefill", "decode"):
+            assert lite_names.model_file(manifest.root, manifest.graph(r, kind)).name == f"{kind}.mindir"
+
+
+def test_converter_without_cann_falls_back_to_the_script(tmp_path):
+    conv = fake_converter(tmp_path / "bin")
+    manifest, result = artifacts(tmp_path / "art", 2, env={"PATH": str(conv.parent)})
+    assert_left_to_the_script(manifest, result, "but no CANN set up here")
+    assert "ASCEND_HOME_PATH" in result["notice"] and "set_env.sh" in result["notice"]
+    assert not (conv.parent / "calls.log").exists()  # not even tried
+
+
+def test_conversion_failing_for_lack_of_cann_falls_back_to_the_script(tmp_path):
+    conv = fake_converter(tmp_path / "bin", rc=1, says="converter_lite: error while loading "
+                          "shared libraries: libascendcl.so: cannot open shared object file")
+    manifest, result = artifacts(tmp_path / "art", 2,
+                                 env=with_cann(tmp_path, {"PATH": str(conv.parent)}))
+    assert_left_to_the_script(manifest, result, "failed for lack of CANN (converter_lite: "
+                                                "error while loading shared libraries")
 
 
 def test_no_converter_writes_a_script_that_works(tmp_path):
     manifest, result = artifacts(tmp_path / "art", 2)
-    assert "converter_lite not found" in result["notice"]
-    assert all(e["stage"] == "mindir" for e in result["graphs"].values())
+    assert_left_to_the_script(manifest, result, "converter_lite not found")
     entry = manifest.graph(1, "decode")
     assert lite_names.model_file(manifest.root, entry) == manifest.root / "rank1/decode.mindir"
     script = manifest.root / lb.SCRIPT_NAME
@@ -210,11 +308,17 @@ def use_token_sum_kernel(fake, monkeypatch, tp: int) -> None:
 
 
 @pytest.fixture()
-def fake_lite(monkeypatch):
-    """A freshly imported fake mindspore_lite (so import-time state is per test)."""
+def fake_lite(monkeypatch, tmp_path):
+    """A freshly imported fake mindspore_lite (so import-time state is per test); the
+    variables the backend sets are restored after the test."""
     monkeypatch.syspath_prepend(str(FAKES))
     monkeypatch.delitem(sys.modules, "mindspore_lite", raising=False)
-    monkeypatch.delenv("HCCL_NPU_SOCKET_PORT_RANGE", raising=False)
+    for name in ("HCCL_NPU_SOCKET_PORT_RANGE", "HCCL_CONNECT_TIMEOUT", "ASCEND_WORK_PATH",
+                 "DSFLOW_ALLOW_LITE_VERSION_MISMATCH", "DSFLOW_FAKE_LITE_VERSION"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("DSFLOW_FAKE_LITE_INPUTS", "lite_inputs:from_manifest")
+    monkeypatch.setenv("DSFLOW_GE_CACHE", str(tmp_path / "ge-cache"))
     yield lambda: sys.modules["mindspore_lite"]
     sys.modules.pop("mindspore_lite", None)
 
@@ -249,7 +353,8 @@ def test_backend_call_sequence_and_slot_cache(tmp_path, fake_lite, monkeypatch):
                           turns=Turns(record))
     fake = fake_lite()
     use_token_sum_kernel(fake, monkeypatch, 2)
-    assert fake.IMPORT_ENV["HCCL_NPU_SOCKET_PORT_RANGE"] == "21500-21600"
+    assert fake.IMPORT_ENV == {"HCCL_NPU_SOCKET_PORT_RANGE": "21500-21600",
+                               "HCCL_CONNECT_TIMEOUT": "1800"}
     calls = fake.CALLS
     kinds = [c[0] for c in calls if c[0] != "tensor"]
     assert kinds == ["group", "add_model", "turn_wait", "build", "build", "turn_done",
@@ -258,8 +363,12 @@ def test_backend_call_sequence_and_slot_cache(tmp_path, fake_lite, monkeypatch):
     builds = [c for c in calls if c[0] == "build"]
     assert [Path(b[2]).name for b in builds] == ["prefill.mindir", "decode.mindir"]
     assert [Path(b[4]).name for b in builds] == ["prefill.ini", "decode.ini"]
-    assert builds[0][5] == {"ascend_context": {"rank_table_file":
-                                               str((tmp_path / "rank_table.json").resolve())}}
+    cache = builds[0][5]["ge_session_options"]["ge.graph_compiler_cache_dir"]
+    assert builds[0][5] == builds[1][5] == {
+        "ascend_context": {"rank_table_file": str((tmp_path / "rank_table.json").resolve())},
+        "ge_session_options": {"ge.graph_compiler_cache_dir": cache}}
+    assert Path(cache).is_dir() and Path(cache).name == "rank1"  # created before the build
+    assert os.environ["ASCEND_WORK_PATH"] == str(Path(cache) / "work")
     assert builds[0][6] == {"target": ["ascend"], "device_id": 5, "rank_id": 1,
                             "provider": "ge", "precision_mode": "enforce_origin"}
     assert backend.configure(slots=2, capacity=64)["cache_bytes"] == \
@@ -282,10 +391,10 @@ def test_backend_call_sequence_and_slot_cache(tmp_path, fake_lite, monkeypatch):
     resizes = [c for c in calls[n_before:] if c[0] == "resize"]
     def window(batch):  # [layers, batch, 1 KV head per rank, kv_len 16, head dim]
         return [CFG.num_layers, batch, 1, 16, CFG.head_dim]
-    assert resizes == [
-        ("resize", builds[0][1], [[2, 16], [2], [2], window(2), window(2)]),
-        ("resize", builds[0][1], [[1, 16], [1], [1], window(1), window(1)]),
-        ("resize", builds[1][1], [[2], [2], window(2), window(2)])]
+    assert resizes == [  # inputs in name order (graphs/signatures.py)
+        ("resize", builds[0][1], [[2, 16], window(2), [2], [2], window(2)]),
+        ("resize", builds[0][1], [[1, 16], window(1), [1], [1], window(1)]),
+        ("resize", builds[1][1], [[2], window(2), [2], window(2)])]
 
 
 def test_backend_refuses_off_gear_shapes_and_pads_batch(tmp_path, fake_lite, monkeypatch):
@@ -306,7 +415,8 @@ def test_backend_refuses_off_gear_shapes_and_pads_batch(tmp_path, fake_lite, mon
                           np.full(3, 2, np.int32), 16)
     assert out.shape == (3, 64)
     pred = [c for c in fake_lite().CALLS if c[0] == "predict"][-1]
-    assert pred[2][:3] == [[4, 16], [4], [4]]  # padded up to the batch gear
+    assert [s[0] for s in pred[2]] == [4, 2, 4, 4, 2]  # padded up to the batch gear
+    assert pred[2][1][1] == 4 and pred[2][0] == [4, 16]  # windows too (axis 1: batch)
     out = backend.decode(slots, np.ones(3, np.int32), np.full(3, 2, np.int32), 16)
     assert out.shape == (3, 64) and list(out.argmax(1)) == [3 % 50 + 5] * 3
 
@@ -374,3 +484,109 @@ def test_missing_mindspore_lite_is_a_clear_error(tmp_path, monkeypatch):
     message = str(e.value)
     assert "mindspore_lite" in message and "pip install" in message
     assert "--device cpu" in message and "CANN" in message
+
+
+# ---- the fake is as strict as mindspore_lite -----------------------------------------
+def built_model(fake, tmp_path):
+    manifest, _ = artifacts(tmp_path / "strict", 1)
+    model = fake.Model()
+    assert model.get_inputs() == []  # nothing before a build
+    ctx = fake.Context()
+    ctx.target = ["ascend"]
+    model.build_from_file(str(manifest.graph_path(0, "decode")), fake.ModelType.MINDIR, ctx)
+    return model
+
+
+def test_fake_rejects_what_mindspore_lite_rejects(tmp_path, fake_lite):
+    """Each call the real API refuses (tests/fakes/mindspore_lite names the source of
+    each rule) is refused by the fake too, so the backend cannot come to rely on it."""
+    fake = importlib.import_module("mindspore_lite")
+    group, model = fake.ModelGroup(), fake.Model()  # default flag: SHARE_WORKSPACE
+    with pytest.raises(RuntimeError, match="add model failed"):
+        group.add_model([model])
+    shared = fake.ModelGroup(fake.ModelGroupFlag.SHARE_WEIGHT)
+    shared.add_model([model])
+    with pytest.raises(RuntimeError, match="add model failed"):  # already in a group
+        fake.ModelGroup(fake.ModelGroupFlag.SHARE_WEIGHT).add_model([model])
+    ascend = fake.Context().ascend
+    with pytest.raises(ValueError, match="ascend_precision_mode must be in"):
+        ascend.precision_mode = "must_keep_origin_dtype"  # GE's name, not Lite's
+    for field in ("device_id", "rank_id"):
+        with pytest.raises(TypeError):
+            setattr(ascend, field, "0")
+        with pytest.raises(TypeError):
+            setattr(ascend, field, np.int64(1))
+        with pytest.raises(ValueError, match="non-negative"):
+            setattr(ascend, field, -1)
+    for device in ("npu:0", "ascend:x", "ascend:0:1", "cpu"):
+        with pytest.raises(TypeError):
+            fake.Tensor(shape=[1], dtype=fake.DataType.INT32, device=device)
+    with pytest.raises(TypeError, match="shape element must be int"):
+        fake.Tensor(shape=[np.int64(1)], dtype=fake.DataType.INT32)
+    fake.Tensor(shape=[1], dtype=fake.DataType.INT32, device="ascend")  # no index: fine
+    model = built_model(fake, tmp_path)
+    inputs = model.get_inputs()
+    assert [t.shape for t in inputs] == [[-1], [2, -1, 2, -1, 8], [-1], [2, -1, 2, -1, 8]]
+    with pytest.raises(ValueError, match="does not match dims' size"):
+        model.resize(inputs, [[1], [1], [2, 1, 2, 16, 8]])
+    with pytest.raises(RuntimeError, match="resize failed"):
+        model.resize(inputs[:2], [[1], [1]])
+    with pytest.raises(RuntimeError, match="resize failed"):
+        model.resize(inputs, [[1], [2, 1, 2, -1, 8], [1], [2, 1, 2, 16, 8]])
+    with pytest.raises(TypeError):
+        model.resize(inputs, [[1], [2, 1, 2, np.int64(16), 8], [1], [2, 1, 2, 16, 8]])
+    with pytest.raises(RuntimeError, match="model input len:4 not equal input len:2"):
+        model.predict([fake.Tensor(np.zeros(1, np.int32))] * 2)
+    with pytest.raises(TypeError, match="outputs must be list"):
+        model.predict(model.get_inputs(), outputs=tuple(model.get_inputs()))
+    path = str(tmp_path / "strict" / "rank0" / "decode.mindir")
+    for bad in ({"ascend_context": {"rank_table_file": Path(path)}}, {"ge_session_options": 1}):
+        with pytest.raises(TypeError, match="config_dict"):
+            fake.Model().build_from_file(path, fake.ModelType.MINDIR, config_dict=bad)
+    with pytest.raises(TypeError):
+        fake.Model().build_from_file(Path(path), fake.ModelType.MINDIR)
+    with pytest.raises(TypeError):
+        fake.Context().target = "ascend"
+
+
+# ---- version pinning, warm-up -----------------------------------------------------------
+def test_lite_version_must_match_the_exporting_mindspore(tmp_path, fake_lite, monkeypatch):
+    from dsflow.runtime.backends.lite import LiteBackend, LiteBackendError
+    manifest, _ = artifacts(tmp_path, 1)
+    monkeypatch.setenv("DSFLOW_FAKE_LITE_VERSION", "2.9.0")
+    with pytest.raises(LiteBackendError, match=r"exported by MindSpore 2\.10\.0, but this "
+                                               r"mindspore_lite is 2\.9\.0.*--allow-version"):
+        LiteBackend(manifest, 0, 0)
+    assert not [c for c in fake_lite().CALLS if c[0] == "build"]
+    backend = LiteBackend(manifest, 0, 0, allow_version_mismatch=True)
+    assert "running anyway" in backend.version_warning
+    monkeypatch.setenv("DSFLOW_ALLOW_LITE_VERSION_MISMATCH", "1")
+    assert LiteBackend(manifest, 0, 0).version_warning
+    monkeypatch.setenv("DSFLOW_ALLOW_LITE_VERSION_MISMATCH", "0")
+    monkeypatch.setenv("DSFLOW_FAKE_LITE_VERSION", "2.10.0rc1")  # same release
+    sys.modules.pop("mindspore_lite")
+    assert LiteBackend(manifest, 0, 0).version_warning is None
+    del manifest.data["mindspore_version"]
+    with pytest.raises(LiteBackendError, match=r"\(not recorded\)"):
+        LiteBackend(manifest, 0, 0)
+
+
+def test_warm_up_runs_every_gear_of_both_graphs_once(tmp_path, fake_lite, monkeypatch):
+    from dsflow.runtime.backends.lite import LiteBackend
+    manifest, _ = artifacts(tmp_path, 1, batch_sizes=[1, 2])
+    backend = LiteBackend(manifest, 0, 0)
+    fake = fake_lite()
+    use_token_sum_kernel(fake, monkeypatch, 1)
+    mark = len(fake.CALLS)
+    lines = []
+    seconds = backend.warm_up(lines.append)
+    assert seconds >= 0 and len(lines) == 6 and lines[-1].startswith("rank 0: warm-up 6/6")
+    shapes = [c[2][0] for c in fake.CALLS[mark:] if c[0] == "predict"]
+    want = []
+    for batch in (1, 2):
+        for n in BUCKETS:
+            # prefill input_ids (chunk = the smallest bucket), then decode input_ids
+            want += [[batch, BUCKETS[0]], [batch]]
+    assert shapes == want
+    windows = [c[2][1] for c in fake.CALLS[mark:] if c[0] == "predict"]
+    assert [k[3] for k in windows] == [n for n in BUCKETS for _ in "pd"] * 2  # kv_len gears

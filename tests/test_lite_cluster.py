@@ -43,6 +43,7 @@ def ascend_artifacts(root: Path, tp: int) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(TOKENIZER_DIR / name, root / "tokenizer" / name)
     data = {"target": "ascend", "dtype": "bfloat16", "tp": tp, "model": CFG.to_dict(),
+            "mindspore_version": "2.10.0",
             "buckets": BUCKETS, "kv_cache": {"dtype": "float16", "max_seq_len": 64},
             "graphs": graphs}
     result = lb.lite_stage(root, data, batch_sizes=(1, 2), env={"PATH": ""})
@@ -67,23 +68,31 @@ def expected_tokens(prompt: list[int], n: int) -> list[int]:
 
 
 @pytest.fixture
-def fake_lite_env(monkeypatch):
+def fake_lite_env(monkeypatch, tmp_path):
     monkeypatch.setenv("PYTHONPATH", f"{FAKES}:{FAKES.parent}")
     monkeypatch.setenv("DSFLOW_FAKE_LITE_KERNEL", "token_sum_kernel:kernel")
+    monkeypatch.setenv("DSFLOW_FAKE_LITE_INPUTS", "lite_inputs:from_manifest")
+    monkeypatch.setenv("DSFLOW_GE_CACHE", str(tmp_path / "ge-cache"))
     monkeypatch.setenv("DSFLOW_LITE_BUILD_STAGGER_S", "0")
     monkeypatch.syspath_prepend(str(FAKES.parent))
 
 
 @pytest.mark.parametrize("tp", [1, 2])
 def test_ascend_device_generates_through_worker_processes(tmp_path, fake_lite_env,
-                                                          monkeypatch, tp):
+                                                          monkeypatch, capfd, tp):
     monkeypatch.setenv("DSFLOW_FAKE_TP", str(tp))
     art = ascend_artifacts(tmp_path / "art", tp)
     prompts = [[3, 4, 5], [7] * 20]  # buckets 16 and 32 for the prompt
     with Engine(art, device="ascend", device_ids=list(range(tp))) as engine:
+        warm = capfd.readouterr().err  # every rank warmed all 2 x 3 gears up at start-up
         results = engine.generate(prompts, SamplingParams(max_new_tokens=9, ignore_eos=True))
+    for rank in range(tp):
+        assert f"rank {rank}: warm-up 6/6 (batch 2, length 64)" in warm
+    assert all(r["warm_up_s"] > 0 for r in engine.cluster.ready)
     for p, r in zip(prompts, results):
         assert r.token_ids == expected_tokens(p, 9)
+    caches = sorted(p.name for p in (tmp_path / "ge-cache").glob("*/rank*"))
+    assert caches == [f"rank{r}" for r in range(tp)]  # one GE compile cache per rank
 
 
 def test_cpu_artifacts_refused_on_ascend_and_vice_versa(tmp_path, export_tiny):
@@ -102,3 +111,13 @@ def test_devices_that_contradict_the_rank_table_are_reported(tmp_path, fake_lite
     art = ascend_artifacts(tmp_path / "art", 2)
     with pytest.raises(Exception, match=r"rank_table.json: rank \d is not on device \d"):
         Engine(art, device="ascend", device_ids=[1, 0])
+
+
+def test_mismatched_lite_version_is_refused_by_every_rank(tmp_path, fake_lite_env,
+                                                         monkeypatch):
+    monkeypatch.setenv("DSFLOW_FAKE_TP", "1")
+    monkeypatch.setenv("DSFLOW_FAKE_LITE_VERSION", "2.9.1")
+    art = ascend_artifacts(tmp_path / "art", 1)
+    with pytest.raises(Exception, match=r"MindSpore 2\.10\.0, but this mindspore_lite is "
+                                        r"2\.9\.1"):
+        Engine(art, device="ascend")

@@ -157,3 +157,20 @@ def test_ctrl_c_ends_everything(export_tiny):
     assert proc.returncode == 130
     assert b"interrupted" in proc.stderr.read()
     assert worker_pids(proc.pid) == []
+
+
+def test_artifacts_with_another_signature_are_refused(export_tiny, tmp_path):
+    """Artifacts from a dsflow whose decode took (input_ids, positions, key_cache,
+    value_cache) would be fed the tensors in the wrong order: refused, naming the file."""
+    import shutil
+    from dsflow.common.errors import DsflowError
+    art = tmp_path / "art"
+    shutil.copytree(export_tiny(1), art)
+    manifest = json.loads((art / "manifest.json").read_text())
+    decode = next(g for g in manifest["graphs"] if g["kind"] == "decode")
+    ids, key, pos, value = decode["inputs"]
+    decode["inputs"] = [ids, pos, key, value]
+    (art / "manifest.json").chmod(0o644)
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DsflowError, match=r"decode.mindir: its inputs differ .* rebuild"):
+        Engine(art)

@@ -1,10 +1,11 @@
 """The package structure: imports go one way, and the installed layout is the documented one.
 
-    common  <-  graphs  <-  artifacts  <-  export
-                                       <-  runtime
+    common  <-  graphs  <-  artifacts  <-  export   <-  doctor
+                                       <-  runtime  <-
 
 A module may import its own package and the packages below it; export and runtime
-never import each other (they meet only in the artifact contract).
+never import each other (they meet only in the artifact contract); doctor, the
+self-test that builds artifacts and runs them, sits above both.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 
 from conftest import REPO
 
-LAYERS = {"common": 0, "graphs": 1, "artifacts": 2, "export": 3, "runtime": 3}
+LAYERS = {"common": 0, "graphs": 1, "artifacts": 2, "export": 3, "runtime": 3, "doctor": 4}
 
 
 def _dsflow_imports(path: Path) -> list[tuple[int, str]]:
@@ -53,7 +54,7 @@ def test_imports_point_down(pkg, path):
             continue
         assert LAYERS[target] < LAYERS[pkg], (
             f"{where}: dsflow.{pkg} must not import dsflow.{target} "
-            "(order: common < graphs < artifacts < export, runtime)")
+            "(order: common < graphs < artifacts < export, runtime < doctor)")
 
 
 def test_setup_discovers_every_package():

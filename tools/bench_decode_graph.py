@@ -57,8 +57,10 @@ def time_graphs(paths: list[Path], rounds: int, calls: int, kv_len: int, batch: 
     shape = (cfg["num_layers"], batch, cfg["num_kv_heads"],
              kv_len, cfg["hidden_size"] // cfg["num_heads"])
     rng = np.random.default_rng(1)
-    inputs = (Tensor(np.full(batch, 123, np.int32)), Tensor(np.full(batch, kv_len // 2, np.int32)),
+    # decode inputs in signature (name) order: input_ids, key_window, positions, value_window
+    inputs = (Tensor(np.full(batch, 123, np.int32)),
               Tensor(rng.standard_normal(shape, dtype=np.float32)),
+              Tensor(np.full(batch, kv_len // 2, np.int32)),
               Tensor(rng.standard_normal(shape, dtype=np.float32)))
     graphs = [nn.GraphCell(ms.load(str(p))) for p in paths]
     for g in graphs:  # compile + warm up

@@ -3,8 +3,10 @@ table, conversion. Pure Python: nothing here imports mindspore or mindspore_lite
 
 Per rank and per graph it writes the ini that both `converter_lite --configFile` and
 `mindspore_lite.Model.build_from_file(..., config_path)` read, a rank-table template
-(tp > 1), and converts each MindIR with `converter_lite` when one is found; otherwise it
-writes `convert_for_ascend.sh` with the exact commands and returns a notice. It returns
+(tp > 1), and converts each MindIR with `converter_lite` when one is found beside a
+CANN set-up; otherwise (no converter, no CANN, or a conversion failing for lack of
+CANN) it writes `convert_for_ascend.sh` with the exact commands and returns a notice
+saying why. It returns
 the per-graph entries to record in the manifest; writing the manifest stays with
 `export/pipeline/build.py`.
 
@@ -46,6 +48,7 @@ import io
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -53,7 +56,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from dsflow.graphs.config import ModelConfig
-from dsflow.graphs.signatures import BATCH, KV_LEN, SEQ, GraphSignature, graph_signature
+from dsflow.graphs.signatures import (BATCH, KV_LEN, SEQ, GraphSignature, check_input_order,
+                                      graph_signature)
 from dsflow.artifacts.lite import (LITE_SUFFIX, PLACEHOLDER_PREFIX, RANK_TABLE_NAME, LiteBuildError,
                                    converted_file)
 
@@ -77,6 +81,18 @@ SESSION_OPTIONS = (
 Gear = tuple[int, int]  # (batch, length): length is seq for prefill, kv_len for decode
 
 
+class MissingCannError(LiteBuildError):
+    """converter_lite ran but failed for lack of CANN (its libraries or environment)."""
+
+
+# CANN's set_env.sh exports these; `--optimize=ascend_oriented` runs GE, i.e. needs CANN.
+CANN_ENVS = ("ASCEND_HOME_PATH", "ASCEND_TOOLKIT_HOME")
+# Converter output that means "no CANN here" rather than "this graph is wrong".
+MISSING_CANN = re.compile(r"error while loading shared libraries|"
+                          r"lib(ascendcl|ge_runner|ge_compiler|graph|register|runtime|acl_\w+)"
+                          r"\.so|ASCEND_(HOME|TOOLKIT_HOME|OPP)_PATH|set_env\.sh", re.I)
+
+
 # ---- gears and ini ------------------------------------------------------------------
 def _positive_sorted(values: Sequence[int], what: str) -> list[int]:
     out = sorted({int(v) for v in values})
@@ -97,38 +113,62 @@ def gears(buckets: Sequence[int], batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZ
     return out
 
 
-def _dim_text(dim: Any, fixed_batch: Optional[int]) -> str:
+def _gear_values(buckets: Sequence[int], batch_sizes: Sequence[int]) -> dict[str, list[int]]:
+    """The values each named axis takes across the gears."""
+    lengths = _positive_sorted(buckets, "--buckets")
+    # a prefill chunk is at most the smallest bucket (runtime/scheduler.py SlotPlan)
+    return {BATCH: _positive_sorted(batch_sizes, "batch sizes"), SEQ: lengths[:1],
+            KV_LEN: lengths}
+
+
+def _dim_text(dim: Any, values: dict[str, list[int]]) -> str:
+    """An axis with one value in every gear is written as that value; otherwise -1."""
     if isinstance(dim, int):
         return str(dim)
-    if dim == BATCH and fixed_batch is not None:
-        return str(fixed_batch)
-    if dim in (BATCH, SEQ, KV_LEN):
-        return "-1"
-    raise LiteBuildError(f"signature axis {dim!r} has no GE gear rule")
+    if dim not in values:
+        raise LiteBuildError(f"signature axis {dim!r} has no GE gear rule")
+    return str(values[dim][0]) if len(values[dim]) == 1 else "-1"
 
 
-def _fixed_batch(batch_sizes: Sequence[int]) -> Optional[int]:
-    sizes = _positive_sorted(batch_sizes, "batch sizes")
-    return sizes[0] if len(sizes) == 1 else None
+def ge_inputs(sig: GraphSignature) -> list:
+    """The graph inputs in the order GE pairs them with `ge.inputShape` entries.
+
+    GE (multibatch, ge.dynamicNodeType=1) sorts the graph's Data nodes by name and then
+    matches the i-th ge.inputShape entry and the i-th value of every gear to the i-th
+    node *by position*, overwriting the entry's name with the node's (CANN ge
+    compiler/graph/preprocess/multi_batch_options.cc: DistinguishGetNextAndData ->
+    SortDataNodesByName, UpdateNameOfData, ParserDataToDynamicInfo); older GE took the
+    nodes in graph order. The signatures list their inputs in name order
+    (graphs/signatures.check_input_order), so both readings give this order; Lite keys
+    its own copy by name (mindspore-lite src/extendrt/delegate/ascend_ge/
+    ge_graph_executor.cc UpdateInputShapeOption). A common prefix on the exported names
+    (MindIR writes `<graph>:input_ids`) keeps the order."""
+    check_input_order(sig)
+    return list(sig.inputs)
 
 
-def ge_input_shape(sig: GraphSignature, batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES) -> str:
-    """`name:d0,d1;...` for every graph input in signature order; dynamic dims are -1."""
-    fixed = _fixed_batch(batch_sizes)
-    return ";".join(f"{t.name}:" + ",".join(_dim_text(d, fixed) for d in t.shape)
-                    for t in sig.inputs)
+def ge_input_shape(sig: GraphSignature, buckets: Sequence[int],
+                   batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES) -> str:
+    """`name:d0,d1;...` for every graph input (GE order); dims that vary are -1."""
+    values = _gear_values(buckets, batch_sizes)
+    return ";".join(f"{t.name}:" + ",".join(_dim_text(d, values) for d in t.shape)
+                    for t in ge_inputs(sig))
 
 
 def ge_dynamic_dims(sig: GraphSignature, buckets: Sequence[int],
-                    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES) -> str:
-    """One `;`-separated gear per (batch, bucket); each lists a value per -1, in order
-    (kv_len = the bucket; a prefill chunk's seq = the smallest bucket)."""
-    fixed = _fixed_batch(batch_sizes)
+                    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES) -> Optional[str]:
+    """One `;`-separated gear per (batch, bucket); each lists a value per -1 of
+    `ge_input_shape`, in its order. None when there is a single gear: GE refuses
+    dynamicDims with fewer than 2 gears (E10035, CheckDynamicParams in
+    multi_batch_options.cc), so one gear is written as static shapes instead."""
+    values = _gear_values(buckets, batch_sizes)
     rows = []
     for batch, length in gears(buckets, batch_sizes):
-        values = {BATCH: batch, SEQ: min(buckets), KV_LEN: length}
-        rows.append(",".join(str(values[d]) for t in sig.inputs for d in t.shape
-                             if not isinstance(d, int) and not (d == BATCH and fixed)))
+        gear = {BATCH: batch, SEQ: min(buckets), KV_LEN: length}
+        rows.append(",".join(str(gear[d]) for t in ge_inputs(sig) for d in t.shape
+                             if _dim_text(d, values) == "-1"))
+    if len(rows) < 2:
+        return None
     return ";".join(rows)
 
 
@@ -146,9 +186,10 @@ def lite_config(sig: GraphSignature, buckets: Sequence[int],
     context = {"plugin_custom_ops": "All", "provider": "ge"}
     if rank_table_file:
         context["rank_table_file"] = rank_table_file
-    graph = {"ge.inputShape": ge_input_shape(sig, batch_sizes),
-             "ge.dynamicDims": ge_dynamic_dims(sig, buckets, batch_sizes),
-             "ge.dynamicNodeType": "1"}
+    graph = {"ge.inputShape": ge_input_shape(sig, buckets, batch_sizes)}
+    dims = ge_dynamic_dims(sig, buckets, batch_sizes)
+    if dims is not None:
+        graph.update({"ge.dynamicDims": dims, "ge.dynamicNodeType": "1"})
     parser = _ini_parser()
     parser.read_dict({"ascend_context": context, "ge_session_options": dict(SESSION_OPTIONS),
                       "ge_graph_options": graph})
@@ -217,6 +258,15 @@ def find_converter(env: Optional[Mapping[str, str]] = None) -> Optional[Converte
     return None
 
 
+def find_cann(env: Optional[Mapping[str, str]] = None) -> Optional[Path]:
+    """The CANN toolkit set_env.sh announced (ASCEND_HOME_PATH / ASCEND_TOOLKIT_HOME), or None."""
+    env = os.environ if env is None else env
+    for name in CANN_ENVS:
+        if env.get(name) and Path(env[name]).is_dir():
+            return Path(env[name])
+    return None
+
+
 def converter_args(mindir: str, out_stem: str, config_ini: str) -> list[str]:
     """Flags per converter_tool.md; the output name gets `.mindir` (or `_graph.mindir`)."""
     return ["--fmk=MINDIR", f"--modelFile={mindir}", f"--outputFile={out_stem}",
@@ -233,8 +283,10 @@ def convert(mindir: Path, out_stem: Path, config_ini: Path, converter: Converter
         raise LiteBuildError(f"{converter.path}: cannot run ({e.strerror})") from None
     out = converted_file(out_stem)
     if proc.returncode != 0 or out is None:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-        raise LiteBuildError(f"converter_lite failed on {mindir} (exit {proc.returncode}"
+        text = proc.stdout + proc.stderr
+        tail = "\n".join(text.strip().splitlines()[-15:])
+        error = MissingCannError if MISSING_CANN.search(text) else LiteBuildError
+        raise error(f"converter_lite failed on {mindir} (exit {proc.returncode}"
                              f"{'' if out else ', no output file'}):\n{tail}")
     return out
 
@@ -243,8 +295,9 @@ def convert_script(jobs: Sequence[tuple[str, str, str]]) -> str:
     """A bash script converting every (mindir, out_stem, ini), paths relative to itself."""
     lines = [
         "#!/usr/bin/env bash",
-        "# Written by `dsexport build --target ascend`: converter_lite was not found on the",
-        "# build host. Run this on the Ascend host, after `source <CANN>/set_env.sh`, with",
+        "# Written by `dsexport build --target ascend`: the graphs could not be converted on",
+        "# the build host (see its notice). Run this on the Ascend host, after",
+        "# `source <CANN>/set_env.sh`, with",
         "# converter_lite on PATH or MSLITE_HOME=<unpacked mindspore-lite-*-linux-*.tar.gz>.",
         "# The runtime picks the converted files up by name; without them it loads the",
         "# MindSpore MindIR directly (slower first build).",
@@ -271,6 +324,37 @@ def convert_script(jobs: Sequence[tuple[str, str, str]]) -> str:
 
 
 # ---- the stage ----------------------------------------------------------------------
+def _convert_all(art_dir: Path, jobs: Sequence[tuple[str, str, str]], entries: list[dict],
+                 env: Optional[Mapping[str, str]],
+                 run: Callable[..., subprocess.CompletedProcess]) -> Optional[str]:
+    """Convert every (mindir, stem, ini) job, updating its entry; None when all were.
+
+    Otherwise returns why the conversion was left to the script: no converter_lite, no
+    CANN beside it (ascend_oriented optimisation runs GE), or a conversion that failed
+    for lack of CANN. Any other converter failure is an error: the graph is at fault.
+    """
+    converter = find_converter(env)
+    if converter is None:
+        return "converter_lite not found (PATH, $MSLITE_HOME)"
+    if find_cann(env) is None:
+        return (f"converter_lite found ({converter.path}) but no CANN set up here "
+                f"({' / '.join(CANN_ENVS)} unset: `source <CANN>/set_env.sh`), and "
+                "--optimize=ascend_oriented needs it")
+    for (src, stem, ini), entry in zip(jobs, entries):
+        try:
+            out = convert(art_dir / src, art_dir / stem, art_dir / ini, converter, run)
+        except MissingCannError as e:
+            for (_, old_stem, _), done in zip(jobs, entries):  # leave no partial output
+                leftover = converted_file(art_dir / old_stem)
+                if leftover is not None:
+                    leftover.unlink()
+                done.update(stage="mindir", lite_file=done["lite_stem"] + ".mindir")
+            return (f"converter_lite ({converter.path}) failed for lack of CANN "
+                    f"({str(e).splitlines()[-1].strip()})")
+        entry.update(stage="lite", lite_file=out.relative_to(art_dir).as_posix())
+    return None
+
+
 def _write(path: Path, text: str, mode: int = 0o644) -> None:
     path.write_text(text, encoding="utf-8")
     os.chmod(path, mode)
@@ -307,7 +391,6 @@ def lite_stage(art_dir: Path, manifest_data: dict, buckets: Optional[Sequence[in
     if tp > 1:
         table = RANK_TABLE_NAME
         _write(art_dir / table, json.dumps(rank_table(tp, device_ids), indent=2) + "\n")
-    converter = find_converter(env)
     entries, jobs = {}, []
     for g in manifest_data["graphs"]:
         sig = graph_signature(g["kind"], cfg, tp, dtype)
@@ -316,20 +399,17 @@ def lite_stage(art_dir: Path, manifest_data: dict, buckets: Optional[Sequence[in
         ini = src.parent / f"{g['kind']}.ini"
         stem = src.parent / f"{g['kind']}{LITE_SUFFIX}"
         _write(art_dir / ini, lite_config(sig, buckets, batch_sizes, table))
-        entry = {"stage": "mindir", "lite_stem": stem.as_posix(),
-                 "lite_file": stem.as_posix() + ".mindir", "config": ini.as_posix()}
-        if converter is not None:
-            out = convert(art_dir / src, art_dir / stem, art_dir / ini, converter, run)
-            entry.update(stage="lite", lite_file=out.relative_to(art_dir).as_posix())
+        entries[f"rank{g['rank']}/{g['kind']}"] = {
+            "stage": "mindir", "lite_stem": stem.as_posix(),
+            "lite_file": stem.as_posix() + ".mindir", "config": ini.as_posix()}
         jobs.append((src.as_posix(), stem.as_posix(), ini.as_posix()))
-        entries[f"rank{g['rank']}/{g['kind']}"] = entry
+    why_not = _convert_all(art_dir, jobs, list(entries.values()), env, run)
     notice = script = None
-    if converter is None:
+    if why_not is not None:
         script = SCRIPT_NAME
         _write(art_dir / script, convert_script(jobs), 0o755)
-        notice = (f"converter_lite not found (PATH, $MSLITE_HOME): the graphs stay MindSpore "
-                  f"MindIR, which mindspore_lite can load directly. To convert them, run "
-                  f"{shown}/{script} on the Ascend host.")
+        notice = (f"{why_not}: the graphs stay MindSpore MindIR, which mindspore_lite can "
+                  f"load directly. To convert them, run {shown}/{script} on the Ascend host.")
     if table:
         notice = ((notice + " ") if notice else "") + (
             f"Fill in device_ip in {shown}/{table} (`hccn_tool -i <device> -ip -g`) "

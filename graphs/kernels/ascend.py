@@ -101,7 +101,7 @@ class Attention(nn.Cell):
         position >= start[b]) and an all-False [b, 1, 1, 1] to broadcast the chunk mask
         over the batch; for decode write offsets, valid lengths (positions + 1) and the
         mask of positions > positions[b] (the new token is written at positions[b])."""
-        slots = iota_like(key_window[0, 0, 0, :, 0])  # [kv_len]
+        slots = iota_like(key_window[0, 0, 0, :, 0])  # [kv_len] int32, not the fp16 cache dtype
         masked = ops.expand_dims(slots, 0) >= ops.expand_dims(lengths, 1)  # [b, kv_len]
         masked = ops.expand_dims(ops.expand_dims(masked, 1), 1)
         offsets = ops.cast(lengths, ms.int64)

@@ -50,7 +50,10 @@ token ids int32 per the signatures.
 """
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -63,19 +66,30 @@ from dsflow.artifacts.manifest import Manifest
 from dsflow.common.errors import DsflowError
 from dsflow.runtime.slot_backend import SlotBackend
 
+log = logging.getLogger("dsflow.lite")
+
 PORT_RANGE_ENV = "HCCL_NPU_SOCKET_PORT_RANGE"
 DEFAULT_PORT_RANGE = "21500-21600"  # the Qwen3 Lite example's range
 RANK_TABLE_ENV = "RANK_TABLE_FILE"
 SETTLE_S = 8.0
 TURN_TIMEOUT_S = 3600.0
 DOWNLOADS = "https://www.mindspore.cn/lite/docs/en/master/use/downloads.html"
-PREFILL_IO = (("input_ids", "start", "valid_length", "key_window", "value_window"),
+PREFILL_IO = (("input_ids", "key_window", "start", "valid_length", "value_window"),
               ("logits", "key", "value"))
-DECODE_IO = (("input_ids", "positions", "key_window", "value_window"),
+DECODE_IO = (("input_ids", "key_window", "positions", "value_window"),
              ("logits", "key", "value"))
 LITE_DTYPE_NAMES = {"float32": "FLOAT32", "float16": "FLOAT16", "int32": "INT32",
                     "bfloat16": "BFLOAT16"}
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int32": np.int32}
+# HCCL waits this long (s) for the other ranks at a collective's first link-up; CANN's
+# default is 120 s (range 120-7200, CANN environment-variable reference), less than GE
+# compiling one gear while the other ranks wait. A user's value is kept.
+CONNECT_TIMEOUT_ENV, CONNECT_TIMEOUT_S = "HCCL_CONNECT_TIMEOUT", "1800"
+# Per-rank GE compile cache and CANN work directory (see `rank_cache_dir`).
+GE_CACHE_ENV = "DSFLOW_GE_CACHE"
+WORK_PATH_ENV = "ASCEND_WORK_PATH"
+# Run with a mindspore_lite whose version differs from the exporting MindSpore's.
+VERSION_OVERRIDE_ENV = "DSFLOW_ALLOW_LITE_VERSION_MISMATCH"
 
 
 class LiteUnavailableError(DsflowError):
@@ -87,8 +101,10 @@ class LiteBackendError(DsflowError):
 
 
 def import_mindspore_lite():
-    """Set the HCCL port range (and the custom-op path if findable), then import."""
+    """Set the HCCL port range and link-up timeout (and the custom-op path if findable),
+    then import."""
     os.environ.setdefault(PORT_RANGE_ENV, DEFAULT_PORT_RANGE)
+    os.environ.setdefault(CONNECT_TIMEOUT_ENV, CONNECT_TIMEOUT_S)
     opp = os.environ.get("ASCEND_OPP_PATH")
     if opp and (Path(opp) / "vendors" / "mslite_custom_ops").is_dir():
         os.environ.setdefault("ASCEND_CUSTOM_OPP_PATH", f"{opp}/vendors/mslite_custom_ops")
@@ -114,6 +130,57 @@ def lite_dtype(mslite, name: str):
             "allocated on the device; build the Ascend artifacts with a float16 or float32 "
             "cache, or use a mindspore_lite whose DataType has BFLOAT16")
     return member
+
+
+def release_numbers(version: str) -> Optional[tuple[int, int, int]]:
+    """'2.10.0' / '2.10.0rc1' / '2.10' -> (2, 10, 0); None if it is not a version."""
+    m = re.match(r"\s*(\d+)\.(\d+)(?:\.(\d+))?", str(version or ""))
+    return (int(m[1]), int(m[2]), int(m[3] or 0)) if m else None
+
+
+def check_lite_version(manifest: Manifest, lite_version: Optional[str],
+                       allow: bool) -> Optional[str]:
+    """Refuse a mindspore_lite whose release differs from the exporting MindSpore's.
+
+    GE's adapters for the fused attention operators changed their input mapping
+    between releases, so a mismatched runtime may feed the graphs the wrong inputs
+    without any error. MindSpore Lite ships in step with MindSpore (same version
+    numbers); the release numbers must match (pre-release suffixes are ignored).
+    With `allow`, a mismatch is returned as a warning instead."""
+    exported = manifest.data.get("mindspore_version")
+    if exported and release_numbers(exported) and release_numbers(exported) == release_numbers(lite_version):
+        return None
+    problem = (f"{manifest.root}: exported by MindSpore {exported or '(not recorded)'}, "
+               f"but this mindspore_lite is {lite_version or '(unknown)'}")
+    if not allow:
+        raise LiteBackendError(
+            f"{problem}; GE's operator adapters differ between releases and could feed the "
+            "graphs the wrong inputs silently. Install the mindspore_lite of the exporting "
+            "release, or rebuild the artifacts with the matching MindSpore; to run anyway, "
+            f"pass --allow-version-mismatch (or set {VERSION_OVERRIDE_ENV}=1)")
+    return f"{problem}; running anyway (version check overridden): results may be wrong"
+
+
+def rank_cache_dir(manifest: Manifest, rank: int, lite_version: Optional[str]) -> Path:
+    """This rank's GE graph-compile cache, created (GE fails with E13026 on a missing
+    ge.graph_compiler_cache_dir).
+
+    One directory per rank, so ranks never compile into the same files at once; keyed
+    by the artifacts (path and build time: a rebuild never meets a stale cache) and the
+    mindspore_lite version (GE caches are not portable across versions). Under
+    $DSFLOW_GE_CACHE, else $XDG_CACHE_HOME/dsflow/ge-cache (~/.cache/dsflow/ge-cache)."""
+    base = os.environ.get(GE_CACHE_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dsflow",
+        "ge-cache")
+    key = f"{Path(manifest.root).resolve()}|{manifest.data.get('created', '')}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    path = Path(base) / f"{digest}-lite-{lite_version or 'unknown'}" / f"rank{rank}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LiteBackendError(f"{path}: cannot create the GE compile cache ({e.strerror}); "
+                               f"set {GE_CACHE_ENV} to a writable directory") from None
+    return path
 
 
 class BuildTurns(Protocol):
@@ -166,9 +233,17 @@ class LiteBackend(SlotBackend):
 
     def __init__(self, manifest: Manifest, rank: int, device_id: int,
                  barrier: Optional[Callable[[], None]] = None, turns: Optional[BuildTurns] = None,
-                 rank_table: Optional[Path] = None):
+                 rank_table: Optional[Path] = None,
+                 allow_version_mismatch: Optional[bool] = None):
         self._ms = ms = import_mindspore_lite()
         self.rank, self.device = rank, f"ascend:{int(device_id)}"
+        if allow_version_mismatch is None:
+            allow_version_mismatch = os.environ.get(VERSION_OVERRIDE_ENV, "") not in ("", "0")
+        self.version = getattr(ms, "__version__", None)
+        self.version_warning = check_lite_version(manifest, self.version,
+                                                  allow_version_mismatch)
+        if self.version_warning:
+            log.warning("%s", self.version_warning)
         lite = manifest.lite
         self.buckets = sorted(manifest.buckets or lite.get("buckets") or [])
         self.batch_sizes = sorted(lite.get("batch_sizes") or [1])
@@ -176,11 +251,10 @@ class LiteBackend(SlotBackend):
         if not self.buckets:
             raise LiteBackendError(f"{manifest.root}: no shape buckets recorded; Ascend "
                                    "artifacts are built with --buckets")
-        self.sigs = {k: manifest.signature(k) for k in ("prefill", "decode")}
         self._check_io()
         lite_dtype(ms, manifest.cache_dtype)  # refuses a cache dtype Lite cannot hold
         self.cache_dtype = NP_DTYPES[manifest.cache_dtype]
-        config_dict = self._rank_table_dict(manifest, rank, int(device_id), rank_table)
+        config_dict = self._config_dict(manifest, rank, int(device_id), rank_table)
         self.models = {"prefill": ms.Model(), "decode": ms.Model()}
         self.group = ms.ModelGroup(ms.ModelGroupFlag.SHARE_WEIGHT)
         self.group.add_model([self.models["prefill"], self.models["decode"]])
@@ -225,16 +299,22 @@ class LiteBackend(SlotBackend):
         ctx.ascend.precision_mode = "enforce_origin"
         return ctx
 
-    @staticmethod
-    def _rank_table_dict(manifest: Manifest, rank: int, device_id: int,
-                         explicit: Optional[Path]) -> Optional[dict]:
-        """tp > 1: the rank table (argument, $RANK_TABLE_FILE, or the artifacts' copy)."""
-        if manifest.tp == 1:
-            return None
-        name = manifest.lite.get("rank_table") or RANK_TABLE_NAME
-        path = Path(explicit or os.environ.get(RANK_TABLE_ENV) or manifest.root / name)
-        check_rank_table(path, rank, device_id)
-        return {"ascend_context": {"rank_table_file": str(path.resolve())}}
+    def _config_dict(self, manifest: Manifest, rank: int, device_id: int,
+                     explicit_table: Optional[Path]) -> dict:
+        """What build_from_file's config_dict adds to the ini (and overrides in it):
+        this rank's GE compile cache and CANN work directory, and for tp > 1 the rank
+        table (argument, $RANK_TABLE_FILE, or the artifacts' copy)."""
+        cache = rank_cache_dir(manifest, rank, self.version)
+        work = cache / "work"  # CANN's per-process files (kernel_meta, ...), not the run dir
+        work.mkdir(exist_ok=True)
+        os.environ.setdefault(WORK_PATH_ENV, str(work))  # read when CANN compiles
+        out = {"ge_session_options": {"ge.graph_compiler_cache_dir": str(cache)}}
+        if manifest.tp > 1:
+            name = manifest.lite.get("rank_table") or RANK_TABLE_NAME
+            path = Path(explicit_table or os.environ.get(RANK_TABLE_ENV) or manifest.root / name)
+            check_rank_table(path, rank, device_id)
+            out["ascend_context"] = {"rank_table_file": str(path.resolve())}
+        return out
 
     # ---- running a graph ----------------------------------------------------------
     def _check_length(self, n: int, what: str) -> None:
@@ -260,3 +340,39 @@ class LiteBackend(SlotBackend):
         logits, key, value = (o.get_data_to_numpy() for o in outs[:3])
         return (np.asarray(logits, np.float32), key.astype(self.cache_dtype, copy=False),
                 value.astype(self.cache_dtype, copy=False))
+
+    # ---- start-up ---------------------------------------------------------------
+    def gears(self) -> list[tuple[int, int]]:
+        """Every (batch, length) GE compiled a gear for, in the one order all ranks use."""
+        return [(b, n) for b in self.batch_sizes for n in self.buckets]
+
+    def warm_up(self, report: Callable[[str], None] = lambda line: None) -> float:
+        """Run every gear of both graphs once, so GE compiles them now, not in the
+        first requests that need them; returns the seconds spent.
+
+        Each gear is one prefill (batch, chunk = the smallest bucket, window = length)
+        plus one decode step (batch, window = length) on zero inputs, straight through
+        `_run` (the slot cache is not configured yet). Not staggered by rank: a tp > 1
+        predict contains AllReduce and returns only once every rank ran it, so rank r
+        waiting for rank r-1's gear would wait forever. Ranks therefore run the gears
+        in the same order, in step through the collective; the compile-cache race that
+        staggering avoided in the builds is avoided here by per-rank compile caches
+        (`rank_cache_dir`) and CANN work directories."""
+        start = time.perf_counter()
+        todo = self.gears()
+        layers, kv_heads, head_dim = self.shape
+        for i, (batch, length) in enumerate(todo, 1):
+            t0 = time.perf_counter()
+            window = np.zeros((layers, batch, kv_heads, length, head_dim), self.cache_dtype)
+            rows = np.zeros(batch, np.int32)
+            self._run("prefill", self._inputs("prefill", {
+                "input_ids": np.zeros((batch, self.buckets[0]), np.int32),
+                "start": rows, "valid_length": rows + 1,
+                "key_window": window, "value_window": window}))
+            t1 = time.perf_counter()
+            self._run("decode", self._inputs("decode", {
+                "input_ids": rows, "positions": rows, "key_window": window,
+                "value_window": window}))
+            report(f"rank {self.rank}: warm-up {i}/{len(todo)} (batch {batch}, length "
+                   f"{length}): prefill {t1 - t0:.1f} s, decode {time.perf_counter() - t1:.1f} s")
+        return time.perf_counter() - start

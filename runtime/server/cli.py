@@ -20,7 +20,7 @@ from dsflow.common.cli import CONTEXT_SETTINGS, run_command, version_option
 from dsflow.common.errors import DsflowError, OptionError
 from dsflow.common.options import int_list
 from dsflow.runtime import Engine
-from dsflow.runtime.cli_options import engine_options
+from dsflow.runtime.cli_options import apply_version_override, engine_options
 from dsflow.runtime.server.lifecycle import run
 from dsflow.runtime.server.openai_api import ServerOptions
 from dsflow.runtime.server.supervisor import RestartPolicy
@@ -104,7 +104,7 @@ def check_options(host: str, api_key: Optional[str], minimums: dict[str, tuple[i
 @run_command("dsserve")
 def main(artifacts: Path, host: str, port: int, api_key: Optional[str],
          served_model_name: Optional[str], device: Optional[str], devices: Optional[str],
-         verify: bool, max_batch: Optional[int], max_seq_len: Optional[int],
+         allow_version_mismatch: bool, verify: bool, max_batch: Optional[int], max_seq_len: Optional[int],
          cache_mb: Optional[float], prefill_chunk: Optional[int], max_queue: int,
          max_prompts: int, max_body_kb: int, request_timeout: float, shutdown_timeout: float,
          max_restarts: int, restart_backoff: float, access_log: bool, verbose: bool) -> None:
@@ -126,6 +126,7 @@ def main(artifacts: Path, host: str, port: int, api_key: Optional[str],
                                   "--max-body-kb": (max_body_kb, 1),
                                   "--max-restarts": (max_restarts, 0)})
     device_ids = int_list(devices, "--devices")
+    apply_version_override(allow_version_mismatch)
     sock = bind(host, port)
     signal.signal(signal.SIGTERM, _stop_startup)
     try:

@@ -42,11 +42,11 @@ def kernel(model_path: str, arrays: list) -> list:
     tp = int(os.environ["DSFLOW_FAKE_TP"])
     width = VOCAB_PADDED // tp
     if "prefill" in model_path:
-        ids, start, lengths, keys, values = arrays
+        ids, keys, start, lengths, values = arrays
         nxt = [next_token(_cached(keys, values, b, start[b]) + ids[b, :lengths[b]].sum())
                for b in range(ids.shape[0])]
     else:
-        ids, pos, keys, values = arrays
+        ids, keys, pos, values = arrays
         nxt = [next_token(_cached(keys, values, b, pos[b]) + ids[b])
                for b in range(ids.shape[0])]
         ids = ids[:, None]
