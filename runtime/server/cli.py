@@ -142,10 +142,12 @@ def main(artifacts: Path, host: str, port: int, api_key: Optional[str],
                                 max_body_bytes=max_body_kb * 1024,
                                 request_timeout_s=request_timeout or None)
         policy = RestartPolicy(max_restarts=max_restarts, backoff_s=restart_backoff)
-        click.echo(f"dsserve: serving {options.model_name} on http://{host}:"
-                   f"{sock.getsockname()[1]} (tp={engine.manifest.tp}; {engine.plan.describe()})",
-                   err=True)
-        code = run(engine, sock, options, policy, shutdown_timeout)
+
+        def announce() -> None:  # once listening: clients (and tests) act on this line
+            click.echo(f"dsserve: serving {options.model_name} on http://{host}:"
+                       f"{sock.getsockname()[1]} (tp={engine.manifest.tp}; "
+                       f"{engine.plan.describe()})", err=True)
+        code = run(engine, sock, options, policy, shutdown_timeout, on_listening=announce)
     finally:
         engine.close()
     if code:
