@@ -1,5 +1,6 @@
-"""FakeEngine: the Engine contract of /work/notes/ENGINE_API.md, in-process, without
-MindSpore, for testing the HTTP layer in milliseconds.
+"""FakeEngine: the part of dsflow.runtime.Engine a server uses (submit -> RequestHandle
+with sync/async iteration and cancel, health, restart, the four errors), in-process and
+without MindSpore, for testing the HTTP layer in milliseconds.
 
 A scheduler thread runs "decode steps": each step admits waiting requests into free
 slots (FIFO, n slots per request) and gives every running sequence one token. Tokens
