@@ -12,9 +12,9 @@ from dsflow.common.json_io import read_json_object
 
 
 def read_json_document(path: Path, fmt: str, version: int, error: type[DsflowError],
-                       unfinished: str) -> dict:
-    """The document at `path` if it is `fmt` at most `version`; `unfinished` says what
-    its absence means."""
+                       unfinished: str, oldest: int = 0, rebuild: str = "") -> dict:
+    """The document at `path` if it is `fmt` of a version in oldest..version;
+    `unfinished` says what its absence means, `rebuild` how to replace an old one."""
     if not path.is_file():
         raise error(f"{path}: missing; {unfinished}")
     data = read_json_object(path, error)
@@ -23,6 +23,9 @@ def read_json_document(path: Path, fmt: str, version: int, error: type[DsflowErr
     if data.get("format_version", 0) > version:
         raise error(f"{path}: format version {data['format_version']} is newer than this "
                     f"dsflow understands ({version}); upgrade dsflow")
+    if data.get("format_version", 0) < oldest:
+        raise error(f"{path}: format version {data.get('format_version', 0)} is older than "
+                    f"this dsflow reads ({oldest}..{version}); {rebuild}")
     return data
 
 

@@ -7,6 +7,7 @@ Layout of an artifacts directory:
     manifest.json
     tokenizer/tokenizer.json, tokenizer/tokenizer_config.json
     rank<R>/prefill.mindir, rank<R>/decode.mindir   (or *_graph.mindir + *_variables/)
+    generation_config.json                          (if the checkpoint had one)
 """
 from __future__ import annotations
 
@@ -23,7 +24,11 @@ from dsflow.artifacts.document import ModelDocument, read_json_document
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "dsflow-artifacts"
-FORMAT_VERSION = 1
+# 2: slot KV cache (graphs take a cache window and return the new K/V; prefill takes
+# chunks at a start position). Version 1 graphs cannot serve it.
+FORMAT_VERSION = 2
+OLDEST_VERSION = 2
+GENERATION_CONFIG = "generation_config.json"
 
 
 class ManifestError(DsflowError):
@@ -56,6 +61,11 @@ class Manifest(ModelDocument):
                                     "version); rebuild the artifacts with `dsexport build`")
 
     @property
+    def kv_bytes_per_token(self) -> int:
+        """Keys and values of one token in one rank's slot cache."""
+        return kv_bytes_per_token(self.config, self.tp, self.cache_dtype)
+
+    @property
     def max_seq_len(self) -> int:
         return int(self.data["kv_cache"]["max_seq_len"])
 
@@ -82,6 +92,16 @@ class Manifest(ModelDocument):
     def tokenizer_dir(self) -> Path:
         return self.root / "tokenizer"
 
+    @property
+    def model_name(self) -> str:
+        """The name a server reports by default: the artifacts directory's name."""
+        return self.root.resolve().name
+
+    def generation_config_path(self) -> Optional[Path]:
+        """The checkpoint's generation_config.json, if it had one."""
+        path = self.root / GENERATION_CONFIG
+        return path if path.is_file() else None
+
     def verify(self) -> None:
         """Every listed file is present, with its size and sha256 (reads all the bytes:
         `dsrun --verify` only, as a user may edit rank_table.json on purpose)."""
@@ -96,14 +116,19 @@ class Manifest(ModelDocument):
                 raise ManifestError(f"{p}: sha256 differs from the manifest (altered)")
 
 
+def kv_bytes_per_token(cfg: ModelConfig, tp: int, dtype: str) -> int:
+    """Keys and values of one token in one rank's cache."""
+    sizes = rank_sizes(cfg, tp)
+    return 2 * sizes.layers * sizes.kv_features * (4 if dtype == "float32" else 2)
+
+
 def kv_cache_section(cfg: ModelConfig, tp: int, dtype: str, max_seq_len: int) -> dict:
     """`dtype` is the cache's own dtype (graphs.kernels.cache_dtype)."""
     sizes = rank_sizes(cfg, tp)
     return {"layout": list(CACHE_LAYOUT), "dtype": dtype, "max_seq_len": max_seq_len,
             "layers": sizes.layers, "kv_heads_per_rank": sizes.kv_heads,
             "head_dim": sizes.head_dim,
-            "bytes_per_token_per_rank": 2 * sizes.layers * sizes.kv_features
-            * (4 if dtype == "float32" else 2)}
+            "bytes_per_token_per_rank": kv_bytes_per_token(cfg, tp, dtype)}
 
 
 def write_manifest(root: Path, data: dict) -> None:
@@ -121,7 +146,8 @@ def read_manifest(root: str | Path) -> Manifest:
         raise ManifestError(f"{root}: no such artifacts directory (run `dsexport build` first, "
                             "or pass --artifacts DIR)")
     data = read_json_document(path, FORMAT, FORMAT_VERSION, ManifestError,
-                              f"{root} is not a finished dsflow build")
+                              f"{root} is not a finished dsflow build", OLDEST_VERSION,
+                              "rebuild the artifacts with this dsflow's `dsexport build`")
     _check_keys(path, data)
     manifest = Manifest(root, data)
     try:

@@ -52,16 +52,16 @@ class Attention(nn.Cell):
         """attn [tokens, heads*hd] -> [tokens, hidden], summed over ranks."""
         return self.all_reduce(self.o_proj(attn))
 
-    def prefill(self, h, seq, rotary, cos, sin, kernel, mask):
+    def prefill(self, h, seq, rotary, cos, sin, kernel, k_past, v_past, ctx, mask):
         """h [batch*seq, hidden] -> (out, k, v) with k/v [batch, kv_heads, seq, hd]."""
         q, k, v = self.qkv(h, seq, rotary, cos, sin)
-        out, k, v = kernel.prefill(q, k, v, mask)
+        out, k, v = kernel.prefill(q, k, v, k_past, v_past, ctx, mask)
         return self.output(out), k, v
 
-    def decode(self, h, rotary, cos, sin, kernel, k_cache, v_cache, ctx):
-        """h [batch, hidden] -> (out, what the kernel keeps for `decode_end`)."""
+    def decode(self, h, rotary, cos, sin, kernel, k_past, v_past, ctx):
+        """h [batch, hidden] -> (out, k, v) with k/v [batch, kv_heads, 1, hd]."""
         q, k, v = self.qkv(h, 1, rotary, cos, sin)
-        out, k, v = kernel.decode(q, k, v, k_cache, v_cache, ctx)
+        out, k, v = kernel.decode(q, k, v, k_past, v_past, ctx)
         return self.output(out), k, v
 
 
@@ -96,14 +96,14 @@ class DecoderLayer(nn.Cell):
         x = x + attn_out
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def prefill(self, x, seq, rotary, cos, sin, kernel, mask):
+    def prefill(self, x, seq, rotary, cos, sin, kernel, k_past, v_past, ctx, mask):
         out, k, v = self.self_attn.prefill(self.input_layernorm(x), seq, rotary, cos, sin,
-                                           kernel, mask)
+                                           kernel, k_past, v_past, ctx, mask)
         return self.finish(x, out), k, v
 
-    def decode(self, x, rotary, cos, sin, kernel, k_cache, v_cache, ctx):
+    def decode(self, x, rotary, cos, sin, kernel, k_past, v_past, ctx):
         out, k, v = self.self_attn.decode(self.input_layernorm(x), rotary, cos, sin, kernel,
-                                          k_cache, v_cache, ctx)
+                                          k_past, v_past, ctx)
         return self.finish(x, out), k, v
 
 
@@ -190,64 +190,72 @@ def last_token_rows(valid_length, seq):
 
 
 class PrefillGraph(nn.Cell):
-    """(input_ids [b, s], valid_length [b]) -> (logits of each last real token, K, V).
+    """(input_ids [b, s], key_window, start [b], valid_length [b], value_window) ->
+    (logits of each row's last real token, the chunk's K, V); inputs in name order.
 
-    Prompts are right-padded; with a causal mask a real token never sees padding, so
-    no padding mask is needed. Only the last real token of each prompt goes through
-    the lm_head.
+    Row b holds tokens start[b] .. start[b] + valid_length[b] - 1 of its sequence,
+    right-padded; they attend to window positions < start[b] and causally to each
+    other, so a real token never sees padding. Only the last real token of each row
+    goes through the lm_head.
     """
 
     def __init__(self, net: RankModel):
         super().__init__(auto_prefix=False)
         self.net = net
 
-    def construct(self, input_ids, valid_length):
+    def construct(self, input_ids, key_window, start, valid_length, value_window):
         m = self.net
         seq = ops.shape(input_ids)[1]
         pos = iota_like(input_ids[0])
         mask = m.attention.prefill_mask(pos)
-        cos, sin = m.rotary.cos_sin(ops.expand_dims(pos, 0))  # [1, s, 1, hd]: all rows alike
+        positions = ops.expand_dims(start, 1) + ops.expand_dims(pos, 0)  # [b, s]
+        cos, sin = m.rotary.cos_sin(positions)  # [b, s, 1, hd]
+        ctx = m.attention.window_context(key_window, value_window, start)
         x = m.model.embed_tokens(ops.reshape(input_ids, (-1,)))
         keys = ()
         values = ()
+        i = 0
         for layer in m.model.layers:
-            x, k, v = layer.prefill(x, seq, m.rotary, cos, sin, m.attention, mask)
+            k_past, v_past = m.attention.layer_cache(ctx, i)
+            x, k, v = layer.prefill(x, seq, m.rotary, cos, sin, m.attention, k_past, v_past,
+                                    ctx, mask)
             keys = keys + (k,)
             values = values + (v,)
+            i = i + 1
         logits = m.logits(ops.gather(x, last_token_rows(valid_length, seq), 0))
-        return logits, ops.stack(keys, 0), ops.stack(values, 0)
+        key, value = m.attention.window_end(keys, values)
+        return logits, key, value
 
 
 class DecodeGraph(nn.Cell):
-    """(input_ids [b], K, positions [b], V) -> (logits [b, vocab/tp], K', V'); inputs in
-    name order like every signature (graphs/signatures.py).
+    """(input_ids [b], key_window, positions [b], value_window) -> (logits [b, vocab/tp],
+    K, V); inputs in name order like every signature (graphs/signatures.py).
 
-    Position positions[b] of each cache is overwritten with the new token's K/V, and
-    attention sees positions 0..positions[b]; anything a padded prefill left beyond
-    a sequence's length is overwritten before it becomes visible.
+    Row b's token sits at positions[b] and attends to window positions < positions[b]
+    and itself; its K/V [layers, b, kv_heads, 1, hd] are returned for the worker to
+    write into the row's slot.
     """
 
     def __init__(self, net: RankModel):
         super().__init__(auto_prefix=False)
         self.net = net
 
-    def construct(self, input_ids, key_cache, positions, value_cache):
+    def construct(self, input_ids, key_window, positions, value_window):
         m = self.net
-        ctx = m.attention.decode_begin(key_cache, value_cache, positions)
+        ctx = m.attention.window_context(key_window, value_window, positions)
         cos, sin = m.rotary.cos_sin(ops.expand_dims(positions, 1))  # [b, 1, 1, hd]
         x = m.model.embed_tokens(input_ids)
         keys = ()
         values = ()
         i = 0
         for layer in m.model.layers:
-            k_layer, v_layer = m.attention.layer_cache(ctx, i)
-            x, k, v = layer.decode(x, m.rotary, cos, sin, m.attention, k_layer, v_layer, ctx)
+            k_past, v_past = m.attention.layer_cache(ctx, i)
+            x, k, v = layer.decode(x, m.rotary, cos, sin, m.attention, k_past, v_past, ctx)
             keys = keys + (k,)
             values = values + (v,)
             i = i + 1
-        key_cache, value_cache = m.attention.decode_end(key_cache, value_cache, ctx,
-                                                        keys, values)
-        return m.logits(x), key_cache, value_cache
+        key, value = m.attention.window_end(keys, values)
+        return m.logits(x), key, value
 
 
 GRAPH_CLASSES = {"prefill": PrefillGraph, "decode": DecodeGraph}

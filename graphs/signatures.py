@@ -4,13 +4,27 @@ Export builds its placeholders from these, the manifest records them, the worker
 their arguments against them and the docs print them. Dimensions are ints or the names
 of dynamic axes.
 
-KV cache layout (both graphs): [layers, batch, kv_heads / tp, kv_len, head_dim], keys
-and values in two tensors, as in the MindSpore Lite Qwen3 example. `kv_len` is dynamic:
-the runtime sizes the cache per request (padded prompt + max new tokens, at most
-`max_seq_len`), so short requests neither allocate nor attend over a 16K window.
-Prefill returns the cache for the prompt positions only (kv_len = seq); the runtime
-pads it once to the request's length. Decode writes position `positions[b]` of
-sequence b and returns the whole updated cache, which is fed back on the next step.
+The KV cache lives in the workers, in slots (runtime/slot_cache.py): `max_batch`
+sequences of up to `capacity` positions each. The graphs never see the whole cache.
+Each call receives a *window* of it, the first `kv_len` positions of the slots taking
+part ([layers, batch, kv_heads / tp, kv_len, head_dim], keys and values in two
+tensors), and returns only the K/V it computed, which the worker writes into the
+slots. `kv_len` is the live length rounded up, so a step costs what the sequences
+hold, not what the cache could hold; positions at or beyond a row's own length are
+masked, so the rounding is never seen.
+
+- prefill ("extend"): a chunk of `seq` tokens per row starting at position `start[b]`
+  (right-padded, `valid_length[b]` real tokens) attends to the window's first
+  `start[b]` positions and causally to itself. It returns the logits of each row's
+  last real token and the chunk's K/V [layers, batch, kv_heads, seq, head_dim]. A
+  prompt is fed as one or more chunks (chunked prefill: no seq x seq score matrix
+  for a long prompt, and running decodes wait at most one chunk).
+- decode: one token per row at `positions[b]`, attending to the window's first
+  `positions[b]` positions and itself; returns logits and the token's K/V
+  [layers, batch, kv_heads, 1, head_dim]. kv_len > every positions[b] (the Ascend
+  kernels write the token into their copy of the window before attending).
+
+Positions, starts and lengths are int32 whatever the compute dtype.
 
 Inputs are listed in name order. GE (the Ascend graph engine) pairs the entries of
 `ge.inputShape` and the values of each dynamic-dims gear with the graph's Data nodes by
@@ -30,7 +44,8 @@ from dsflow.graphs.tp_plan import rank_sizes
 Dim = Union[int, str]
 
 BATCH, SEQ, KV_LEN = "batch", "seq", "kv_len"
-CACHE_LAYOUT = ("layers", BATCH, "kv_heads_per_rank", KV_LEN, "head_dim")
+CACHE_LAYOUT = ("layers", "slots", "kv_heads_per_rank", "capacity", "head_dim")
+WINDOW_LAYOUT = ("layers", BATCH, "kv_heads_per_rank", KV_LEN, "head_dim")
 GRAPH_KINDS = ("prefill", "decode")
 
 
@@ -60,6 +75,9 @@ class GraphSignature:
         return {"inputs": [t.to_dict() for t in self.inputs],
                 "outputs": [t.to_dict() for t in self.outputs]}
 
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.inputs)
+
 
 def check_input_order(sig: GraphSignature) -> None:
     """Refuse a signature whose inputs are not in name order (see the module docstring);
@@ -71,6 +89,7 @@ def check_input_order(sig: GraphSignature) -> None:
 
 
 def cache_shape(cfg: ModelConfig, tp: int, kv_len: Dim = KV_LEN) -> tuple[Dim, ...]:
+    """A window of the slot cache: [layers, batch, kv_heads / tp, kv_len, head_dim]."""
     sizes = rank_sizes(cfg, tp)
     return (sizes.layers, BATCH, sizes.kv_heads, kv_len, sizes.head_dim)
 
@@ -79,22 +98,20 @@ def graph_signature(kind: str, cfg: ModelConfig, tp: int, dtype: str) -> GraphSi
     """The signature of one rank's graph. `dtype` is the KV-cache dtype
     (graphs.kernels.cache_dtype(target, weight dtype)); logits are always fp32."""
     logits = TensorSpec("logits", (BATCH, rank_sizes(cfg, tp).vocab), "float32")
+    window = (TensorSpec("key_window", cache_shape(cfg, tp), dtype),
+              TensorSpec("value_window", cache_shape(cfg, tp), dtype))
     if kind == "prefill":
-        inputs = (TensorSpec("input_ids", (BATCH, SEQ), "int32"),
-                  TensorSpec("valid_length", (BATCH,), "int32"))
-        kv = cache_shape(cfg, tp, SEQ)
-        outputs = (logits, TensorSpec("key_cache", kv, dtype),
-                   TensorSpec("value_cache", kv, dtype))
+        inputs = (TensorSpec("input_ids", (BATCH, SEQ), "int32"), window[0],
+                  TensorSpec("start", (BATCH,), "int32"),
+                  TensorSpec("valid_length", (BATCH,), "int32"), window[1])
+        new = cache_shape(cfg, tp, SEQ)
     elif kind == "decode":
-        kv = cache_shape(cfg, tp)
-        inputs = (TensorSpec("input_ids", (BATCH,), "int32"),
-                  TensorSpec("key_cache", kv, dtype),
-                  TensorSpec("positions", (BATCH,), "int32"),
-                  TensorSpec("value_cache", kv, dtype))
-        outputs = (logits, TensorSpec("key_cache", kv, dtype),
-                   TensorSpec("value_cache", kv, dtype))
+        inputs = (TensorSpec("input_ids", (BATCH,), "int32"), window[0],
+                  TensorSpec("positions", (BATCH,), "int32"), window[1])
+        new = cache_shape(cfg, tp, 1)
     else:
         raise ValueError(f"unknown graph kind {kind!r}; expected one of {GRAPH_KINDS}")
+    outputs = (logits, TensorSpec("key", new, dtype), TensorSpec("value", new, dtype))
     sig = GraphSignature(kind, inputs, outputs)
     check_input_order(sig)
     return sig

@@ -1,5 +1,10 @@
-"""dsflow runtime: tokenizer, sampling, rank workers and the generating coordinator."""
-from dsflow.runtime.engine import Completion, Engine, StreamEvent
-from dsflow.runtime.sampling import SamplingParams
+"""dsflow runtime: tokenizer, sampling, rank workers and the continuous-batching engine."""
+from dsflow.runtime.engine import Engine
+from dsflow.runtime.protocol import WorkerError
+from dsflow.runtime.requests import (Completion, EngineClosedError, QueueFullError,
+                                     RequestHandle, StreamEvent)
+from dsflow.runtime.sampling import SamplingParams, TokenLogprob
+from dsflow.runtime.slot_cache import CacheLimitError
 
-__all__ = ["Completion", "Engine", "SamplingParams", "StreamEvent"]
+__all__ = ["CacheLimitError", "Completion", "Engine", "EngineClosedError", "QueueFullError",
+           "RequestHandle", "SamplingParams", "StreamEvent", "TokenLogprob", "WorkerError"]

@@ -1,8 +1,8 @@
 """`dsrun`: generate text from dsflow artifacts with one worker process per rank."""
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -12,6 +12,7 @@ import click
 from dsflow.common.cli import (CONTEXT_SETTINGS, read_stdin_text, run_command, setup_logging,
                                version_option)
 from dsflow.common.errors import DsflowError, OptionError
+from dsflow.runtime.cli_options import apply_version_override, engine_options
 from dsflow.runtime.sampling import SamplingParams
 
 
@@ -47,33 +48,36 @@ class _OrderedPrinter:
 
 @click.command(context_settings=CONTEXT_SETTINGS)
 @version_option("dsrun")
-@click.option("--artifacts", type=click.Path(path_type=Path), default="dsflow-artifacts",
-              show_default=True, help="Directory written by `dsexport build`.")
+@engine_options
 @click.option("--prompt", "prompts", multiple=True,
               help="Prompt text; repeat for a batch (prompts may differ in length). "
                    "Without --prompt, the prompt is read from standard input.")
-@click.option("--max-new-tokens", type=int, default=128, show_default=True,
-              help="Stop after this many generated tokens.")
-@click.option("--temperature", type=float, default=0.0, show_default=True,
-              help="Sampling temperature; 0 = greedy (deterministic).")
-@click.option("--top-k", type=int, default=0, show_default=True,
+@click.option("--max-new-tokens", type=int, default=None,
+              help="Stop after this many generated tokens (vLLM: max_tokens). Default, like "
+                   "--temperature/--top-k/--top-p: the checkpoint's generation_config.json, "
+                   "else 128.")
+@click.option("--temperature", type=float, default=None,
+              help="Sampling temperature; 0 = greedy (deterministic; the default unless "
+                   "generation_config.json says do_sample).")
+@click.option("--top-k", type=int, default=None,
               help="Sample among the k most likely tokens only (0 = off).")
-@click.option("--top-p", type=float, default=1.0, show_default=True,
+@click.option("--top-p", type=float, default=None,
               help="Nucleus sampling: smallest set of tokens with this total probability.")
 @click.option("--seed", type=int, default=None, help="Random seed for sampling.")
 @click.option("--stop", "stops", multiple=True,
               help="Stop when this text is generated (not included in the output); repeatable.")
+@click.option("--stop-token-id", "stop_token_ids", type=int, multiple=True,
+              help="Also stop at this token id; repeatable.")
+@click.option("--n", "n", type=int, default=1, show_default=True,
+              help="Samples per prompt (they share the prompt's prefill).")
 @click.option("--chat", is_flag=True,
               help="Wrap each prompt in the model's chat template (instruct models).")
+@click.option("--suffix", default=None,
+              help="Fill in the middle: the prompt is the code before the hole, this the "
+                   "code after it (DeepSeek-Coder's FIM format).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object per prompt (token ids, text, finish_reason, timings) "
                    "instead of streaming text.")
-@click.option("--verify", is_flag=True,
-              help="Check the sha256 of every artifact against the manifest before loading.")
-@click.option("--device", type=click.Choice(["cpu", "ascend"]), default=None,
-              help="Where the ranks run. Default: the target the artifacts were built for.")
-@click.option("--devices", default=None,
-              help="Ascend card of each rank, comma-separated (e.g. 0,1,2,3). Default 0..tp-1.")
 @click.option("--score", "score_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None,
               help="Instead of generating, print the log-likelihood of this UTF-8 text file "
@@ -82,20 +86,19 @@ class _OrderedPrinter:
 @click.option("--score-window", type=int, default=None,
               help="With --score: tokens of context per chunk (chunks do not overlap; each "
                    "starts after <bos>). Default 256, the embedded default's training context.")
-@click.option("--allow-version-mismatch", is_flag=True,
-              help="ascend: run although the installed mindspore_lite's release differs "
-                   "from the MindSpore that exported the graphs (refused by default: GE's "
-                   "operator adapters change between releases).")
 @click.option("-q", "--quiet", is_flag=True, help="No timing summary on standard error.")
 @click.option("-v", "--verbose", is_flag=True,
               help="Show MindSpore's log lines, the workers' output, and the traceback of "
                    "a failure.")
 @run_command("dsrun")
 def main(artifacts: Path, prompts: tuple[str, ...], max_new_tokens: int, temperature: float,
-         top_k: int, top_p: float, seed: Optional[int], stops: tuple[str, ...], chat: bool,
-         as_json: bool, verify: bool, device: Optional[str], devices: Optional[str],
-         allow_version_mismatch: bool, score_file: Optional[Path],
-         score_window: Optional[int], quiet: bool, verbose: bool) -> None:
+         top_k: int, top_p: float, seed: Optional[int], stops: tuple[str, ...],
+         stop_token_ids: tuple[int, ...], n: int, chat: bool, suffix: Optional[str],
+         max_batch: Optional[int], max_seq_len: Optional[int], cache_mb: Optional[float],
+         prefill_chunk: Optional[int], as_json: bool, verify: bool, device: Optional[str],
+         devices: Optional[str], allow_version_mismatch: bool, score_file: Optional[Path],
+         score_window: Optional[int], quiet: bool,
+         verbose: bool) -> None:
     """Generate text from a DeepSeek-Coder model exported by `dsexport build`.
 
     \b
@@ -103,6 +106,7 @@ def main(artifacts: Path, prompts: tuple[str, ...], max_new_tokens: int, tempera
       dsrun --prompt "#write a quick sort algorithm" --max-new-tokens 100
       dsrun --chat --prompt "Write a Python function that reverses a list"
       dsrun --prompt "def add(a, b):" --prompt "// C: binary search" --json
+      dsrun --prompt "def fib(n):" --suffix "    return a" --max-new-tokens 32
       dsrun --score some_module.py
     """
     setup_logging(verbose)
@@ -114,20 +118,30 @@ def main(artifacts: Path, prompts: tuple[str, ...], max_new_tokens: int, tempera
             raise DsflowError("no prompt: pass --prompt TEXT (repeatable) or pipe text on "
                               "standard input")
         prompts = (read_stdin_text(),)
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
-                            top_k=top_k, top_p=top_p, seed=seed, stop=tuple(stops))
+    # options given override the checkpoint's generation defaults (as in transformers)
+    given = {k: v for k, v in dict(max_new_tokens=max_new_tokens, temperature=temperature,
+                                   top_k=top_k, top_p=top_p).items() if v is not None}
+    given.update(seed=seed, stop=tuple(stops), stop_token_ids=tuple(stop_token_ids), n=n)
+    params = SamplingParams(**given)
+    if suffix is not None and chat:
+        raise OptionError("--suffix (fill in the middle) and --chat cannot be combined")
     from dsflow.common.options import int_list
     from dsflow.runtime.engine import Engine
-    if allow_version_mismatch:  # read by each rank's Lite backend (runtime/backends/lite.py)
-        from dsflow.runtime.backends.lite import VERSION_OVERRIDE_ENV
-        os.environ[VERSION_OVERRIDE_ENV] = "1"
+    apply_version_override(allow_version_mismatch)
     try:
         params.check()
     except DsflowError as e:
         raise OptionError(str(e)) from None
     engine = Engine(artifacts, verbose=verbose, verify=verify, device=device,
-                    device_ids=int_list(devices, "--devices"))
+                    device_ids=int_list(devices, "--devices"), max_batch=max_batch,
+                    max_seq_len=max_seq_len, cache_mb=cache_mb, prefill_chunk=prefill_chunk)
     try:
+        params = dataclasses.replace(engine.default_params, **given)
+        params.check()
+        if not quiet and not as_json:
+            click.echo(f"[{engine.plan.describe()}]", err=True)
+        if suffix is not None:
+            prompts = tuple(engine.encode(p, suffix=suffix) for p in prompts)
         results = _run(engine, list(prompts), params, chat, as_json)
     finally:
         engine.close()
@@ -145,7 +159,7 @@ def _run(engine, prompts: list[str], params: SamplingParams, chat: bool, as_json
         for c in results:
             click.echo(json.dumps(c.to_dict(), ensure_ascii=False))
         return results
-    printer = _OrderedPrinter(len(prompts), show_headers=len(prompts) > 1)
+    printer = _OrderedPrinter(len(prompts) * params.n, show_headers=len(prompts) * params.n > 1)
     results = []
     for event in engine.stream(prompts, params, chat=chat):
         printer.add(event.index, event.text, event.finished is not None)

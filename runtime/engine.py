@@ -1,120 +1,47 @@
-"""The coordinator and the Python API: open artifacts once, generate many times.
+"""The coordinator and the Python API: open artifacts once, serve many callers at once.
 
     from dsflow.runtime import Engine, SamplingParams
     with Engine("dsflow-artifacts") as engine:
         for event in engine.stream(["def fib(n):"], SamplingParams(max_new_tokens=64)):
             print(event.text, end="", flush=True)
         results = engine.generate(["# quick sort in C"], SamplingParams(temperature=0.7))
+        handle = engine.submit("def add(a, b):", SamplingParams(max_tokens=16))
+        print(handle.result()[0].text)
 
-One batch runs at a time: prompts of a call are right-padded into one prefill, then
-decoded in lockstep until every sequence has stopped.
+Continuous batching: one engine thread owns the worker cluster and runs the
+iteration-level scheduler (runtime/scheduler.py); `submit`, `stream` and `generate`
+from any number of threads queue requests that share its decode steps.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
 import logging
+import queue
 import threading
 import time
-from dataclasses import dataclass, field
+import uuid
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
 from dsflow.artifacts.manifest import Manifest, read_manifest
 from dsflow.common.errors import DsflowError
 from dsflow.runtime.cluster import Cluster
-from dsflow.runtime.kv_cache import plan_shapes
-from dsflow.runtime.sampling import Sampler, SamplingParams
-from dsflow.runtime.tokenizer import IncrementalDecoder, Tokenizer
+from dsflow.runtime.generation_config import GenerationConfig
+from dsflow.runtime.protocol import WorkerError
+from dsflow.runtime.requests import (Completion, EngineClosedError, QueueFullError,
+                                     RequestHandle, StreamEvent)
+from dsflow.runtime.sampling import SamplingParams
+from dsflow.runtime.scheduler import Scheduler, SlotPlan, plan_slots
+from dsflow.runtime.slot_cache import CacheLimitError
+from dsflow.runtime.tokenizer import Tokenizer
 
 log = logging.getLogger("dsflow.engine")
 
 Prompt = Union[str, Sequence[int]]
-
-
-@dataclass
-class Completion:
-    index: int
-    prompt_token_ids: list[int]
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: Optional[str] = None  # "stop" or "length"
-    prefill_ms: float = 0.0
-    decode_ms_per_token: float = 0.0
-    time_to_first_token_ms: float = 0.0
-
-    def to_dict(self) -> dict:
-        return {"index": self.index, "prompt_token_ids": self.prompt_token_ids,
-                "token_ids": self.token_ids, "text": self.text,
-                "finish_reason": self.finish_reason,
-                "timings": {"prefill_ms": round(self.prefill_ms, 3),
-                            "decode_ms_per_token": round(self.decode_ms_per_token, 3),
-                            "time_to_first_token_ms": round(self.time_to_first_token_ms, 3)}}
-
-
-@dataclass
-class StreamEvent:
-    """New text of one sequence; `finished` is set on its last event."""
-    index: int
-    text: str
-    token_ids: list[int]
-    finished: Optional[Completion] = None
-
-
-class _SequenceState:
-    """Per-sequence bookkeeping: stop conditions and stop-string-safe streaming."""
-
-    def __init__(self, completion: Completion, tokenizer: Tokenizer, params: SamplingParams):
-        self.c = completion
-        self.params = params
-        self.eos = frozenset() if params.ignore_eos else tokenizer.eos_ids
-        self.detok = IncrementalDecoder(tokenizer)
-        self.emitted = 0  # characters of c.text already streamed
-        self.holdback = max((len(s) for s in params.stop), default=0)
-
-    @property
-    def done(self) -> bool:
-        return self.c.finish_reason is not None
-
-    def add(self, token: int) -> str:
-        """Record one token; return the text that can be streamed now."""
-        self.c.token_ids.append(token)
-        if token in self.eos:
-            self.c.token_ids.pop()  # stop token: not part of the output
-            self.c.finish_reason = "stop"
-            self.c.text += self.detok.flush()
-            return self._release(final=True)
-        self.c.text += self.detok.push(token)
-        if self._cut_at_stop_string():
-            return self._release(final=True)
-        if len(self.c.token_ids) >= self.params.max_new_tokens:
-            self.c.finish_reason = "length"
-            self.c.text += self.detok.flush()
-            self._cut_at_stop_string()
-            return self._release(final=True)
-        return self._release(final=False)
-
-    def _cut_at_stop_string(self) -> bool:
-        start = max(0, self.emitted - self.holdback)
-        hits = [i for i in (self.c.text.find(s, start) for s in self.params.stop) if i >= 0]
-        if not hits:
-            return False
-        self.c.text = self.c.text[:min(hits)]
-        self.c.finish_reason = "stop"
-        return True
-
-    def _release(self, final: bool) -> str:
-        """Text not yet streamed, minus a tail that could still become a stop string."""
-        end = len(self.c.text)
-        if not final and self.params.stop:
-            for k in range(min(self.holdback - 1, end), 0, -1):
-                tail = self.c.text[end - k:]
-                if any(s.startswith(tail) for s in self.params.stop):
-                    end -= k
-                    break
-        out = self.c.text[self.emitted:end]
-        self.emitted = max(self.emitted, end)
-        return out
+SCHEDULING = ("continuous", "static")
 
 
 def check_device(manifest: Manifest, device: Optional[str],
@@ -139,143 +66,260 @@ def check_device(manifest: Manifest, device: Optional[str],
 
 
 class Engine:
-    """Artifacts loaded into tp worker processes, ready to generate."""
+    """Artifacts loaded into tp worker processes, serving requests from many threads."""
 
     def __init__(self, artifacts: Union[str, Path] = "dsflow-artifacts", verbose: bool = False,
                  verify: bool = False, device: Optional[str] = None,
-                 device_ids: Optional[Sequence[int]] = None):
+                 device_ids: Optional[Sequence[int]] = None, max_batch: Optional[int] = None,
+                 max_seq_len: Optional[int] = None, cache_mb: Optional[float] = None,
+                 prefill_chunk: Optional[int] = None, max_queue: Optional[int] = None,
+                 scheduling: str = "continuous"):
         """device: "cpu" or "ascend" (default: what the artifacts were built for);
-        device_ids: the card of each rank on Ascend (default 0..tp-1)."""
+        device_ids: the card of each rank on Ascend (default 0..tp-1).
+        max_batch / max_seq_len / cache_mb: how many sequences the KV cache holds at once
+        and how long each may grow (see `plan_slots`); prefill_chunk: prompt tokens fed
+        per step (long prompts take several steps, interleaved with decoding);
+        max_queue: waiting requests beyond which `submit` raises QueueFullError;
+        scheduling: "continuous" (join and leave the running batch at every step) or
+        "static" (one batch at a time: admit only when nothing runs; for comparison)."""
         self.manifest: Manifest = read_manifest(artifacts)
         self.manifest.check_signatures()
         if verify:
             self.manifest.verify()
         self.device = check_device(self.manifest, device, device_ids)
+        if scheduling not in SCHEDULING:
+            raise DsflowError(f"scheduling {scheduling!r}: choose one of {SCHEDULING}")
+        if max_queue is not None and max_queue < 1:
+            raise DsflowError(f"--max-queue {max_queue}: must be >= 1")
         cfg = self.manifest.config
+        self.generation = GenerationConfig.read(self.manifest.generation_config_path())
         self.tokenizer = Tokenizer(self.manifest.tokenizer_dir(),
-                                   extra_eos_ids=[cfg.eos_token_id] if cfg.eos_token_id is not None
-                                   else [])
-        self.vocab_limit = min(self.tokenizer.vocab_size, cfg.vocab_size)
-        # filler for padded prompt slots and finished sequences: any valid row will do
-        self.pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id < cfg.vocab_size else 0
-        self._lock = threading.Lock()
+                                   extra_eos_ids=self.generation.eos_ids(cfg.eos_token_id))
+        self.default_params = self.generation.default_params()
+        self.model_name = self.manifest.model_name
+        self.plan: SlotPlan = plan_slots(self.manifest, max_batch, max_seq_len, cache_mb,
+                                         prefill_chunk)
+        self.scheduling = scheduling
+        self.max_queue = max_queue
+        self._options = dict(verbose=verbose, device_ids=device_ids)
+        self._cond = threading.Condition()
+        self._state, self._detail = "starting", ""
+        self.scheduler: Optional[Scheduler] = None
+        self._thread: Optional[threading.Thread] = None
         t0 = time.perf_counter()
-        self.cluster = Cluster(self.manifest.root, self.manifest.tp, verbose=verbose,
-                               device=self.device, device_ids=device_ids).start()
+        self._start()
         self.startup_s = time.perf_counter() - t0
+        log.info("%s", self.plan.describe())
 
-    # ---- prompts --------------------------------------------------------------
-    def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
-        if not isinstance(prompt, str):
-            return [int(t) for t in prompt]
-        return self.tokenizer.encode_chat(prompt) if chat else self.tokenizer.encode(prompt)
-
-    # ---- generation -------------------------------------------------------------
-    def stream(self, prompts: Union[Prompt, Sequence[Prompt]],
-               params: SamplingParams = SamplingParams(), chat: bool = False
-               ) -> Iterator[StreamEvent]:
-        """Yield text as it is generated, for every prompt of one batch."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        ids = [self.encode(p, chat) for p in prompts]
-        if not ids or any(len(p) == 0 for p in ids):
-            raise DsflowError("empty prompt: give at least one token of text")
-        bad = [t for p in ids for t in p if not 0 <= t < self.manifest.config.vocab_size]
-        if bad:
-            raise DsflowError(f"prompt token id {bad[0]} is outside the vocabulary "
-                              f"(0..{self.manifest.config.vocab_size - 1})")
-        sampler = Sampler(params, self.vocab_limit)
-        with self._lock:
-            yield from self._run_batch(ids, params, sampler)
-
-    def generate(self, prompts: Union[Prompt, Sequence[Prompt]],
-                 params: SamplingParams = SamplingParams(), chat: bool = False
-                 ) -> list[Completion]:
-        done = [e.finished for e in self.stream(prompts, params, chat) if e.finished]
-        return sorted(done, key=lambda c: c.index)
-
-    def _gather_logits(self, op: str, payload: dict) -> np.ndarray:
-        return np.concatenate(self.cluster.request(op, payload), axis=1)
-
-    def _prefill(self, ids: list[list[int]], max_new_tokens: int) -> np.ndarray:
-        """Right-pad the prompts into one batch, run prefill on every rank, size the
-        cache for `max_new_tokens`; returns the gathered last-token logits."""
-        seq, kv_len = plan_shapes(max(len(p) for p in ids), max_new_tokens,
-                                  self.manifest.max_seq_len, self.manifest.buckets)
-        batch = np.full((len(ids), seq), self.pad_id, np.int32)
-        for b, p in enumerate(ids):
-            batch[b, :len(p)] = p
-        lengths = np.array([len(p) for p in ids], np.int32)
-        return self._gather_logits("prefill", {"input_ids": batch, "valid_length": lengths,
-                                               "kv_len": kv_len})
-
-    def _decode(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        return self._gather_logits("decode", {"input_ids": tokens.astype(np.int32),
-                                              "positions": positions.astype(np.int32)})
-
-    def _release(self) -> None:
-        if not self.cluster.failed and not self.cluster.busy:
-            self.cluster.request("release", {})
-
-    def forced_logits(self, prompts: Sequence[Sequence[int]],
-                      forced: Sequence[Sequence[int]]) -> np.ndarray:
-        """Logits after each prompt and after each given next token (teacher forcing):
-        [batch, 1 + n, vocab]. For parity checks and scoring; all `forced` lists must
-        have the same length n."""
-        n = len(forced[0])
-        if any(len(f) != n for f in forced) or len(forced) != len(prompts):
-            raise DsflowError("forced_logits: one continuation per prompt, all the same length")
-        ids = [list(map(int, p)) for p in prompts]
-        vocab = self.manifest.config.vocab_size
-        with self._lock:
-            try:
-                out = [self._prefill(ids, max(n, 1))[:, :vocab]]
-                positions = np.array([len(p) for p in ids])
-                for step in range(n):
-                    tokens = np.array([f[step] for f in forced])
-                    out.append(self._decode(tokens, positions + step)[:, :vocab])
-            finally:
-                self._release()
-        return np.stack(out, axis=1)
-
-    def _run_batch(self, ids: list[list[int]], params: SamplingParams,
-                   sampler: Sampler) -> Iterator[StreamEvent]:
-        states = [_SequenceState(Completion(b, list(p)), self.tokenizer, params)
-                  for b, p in enumerate(ids)]
-        t0 = time.perf_counter()
+    # ---- lifetime ---------------------------------------------------------------------
+    def _start(self) -> None:
+        self.cluster = Cluster(self.manifest.root, self.manifest.tp,
+                               verbose=self._options["verbose"], device=self.device,
+                               device_ids=self._options["device_ids"]).start()
         try:
-            logits = self._prefill(ids, params.max_new_tokens)
-            prefill_ms = (time.perf_counter() - t0) * 1e3
-            for s in states:
-                s.c.prefill_ms = s.c.time_to_first_token_ms = prefill_ms
-            positions = np.array([len(p) for p in ids])  # where each next token goes
-            steps, t_decode = 0, time.perf_counter()
-            while True:
-                tokens = sampler(logits)
-                for s, tok in zip(states, tokens):
-                    if s.done:
-                        continue
-                    text = s.add(int(tok))
-                    if s.done:
-                        s.c.decode_ms_per_token = ((time.perf_counter() - t_decode) * 1e3
-                                                   / max(steps, 1))
-                    yield StreamEvent(s.c.index, text, [int(tok)], s.c if s.done else None)
-                active = np.array([not s.done for s in states])
-                if not active.any():
-                    break
-                # finished sequences keep feeding a token at a frozen position: harmless
-                logits = self._decode(np.where(active, tokens, self.pad_id), positions)
-                positions = positions + active
-                steps += 1
-        finally:
-            self._release()
+            self.cluster.request("configure", {"slots": self.plan.slots,
+                                               "capacity": self.plan.capacity})
+        except BaseException:
+            self.cluster.close()
+            raise
+        self.scheduler = Scheduler(self.cluster, self.plan, self.tokenizer, self.manifest,
+                                   self.scheduling, self._cond)
+        with self._cond:
+            self._state, self._detail = "ready", ""
+        self._thread = threading.Thread(target=self._run, name="dsflow-engine", daemon=True)
+        self._thread.start()
 
-    # ---- lifetime -----------------------------------------------------------------
-    def close(self) -> None:
+    def _run(self) -> None:
+        """The engine thread: scheduler steps until closed or failed."""
+        try:
+            self.scheduler.run()
+        except BaseException as e:  # a dead rank, or a bug: end every request with it
+            if not isinstance(e, (WorkerError, EngineClosedError)):
+                log.exception("engine thread failed")
+            with self._cond:
+                self._state, self._detail = "failed", str(e)
+            self.scheduler.fail_all(e)
+            self.cluster.close()
+
+    def health(self) -> dict:
+        with self._cond:
+            if self._state == "ready":
+                self._notice_dead_worker()
+            s = self.scheduler
+            return {"state": self._state, "detail": self._detail,
+                    "running": s.running_count() if s else 0,
+                    "waiting": s.waiting_count() if s else 0,
+                    "slots": self.plan.slots}
+
+    def _notice_dead_worker(self) -> None:
+        """A rank that died while nothing ran shows in health() at once, not only when
+        the next request reaches it (servers poll health(), e.g. dsserve's /health)."""
+        try:
+            self.cluster.check_alive()
+        except WorkerError as e:
+            self._state, self._detail = "failed", str(e)
+
+    def restart(self) -> None:
+        """Tear the worker cluster down and start it again (after a failure)."""
+        self._stop(EngineClosedError("engine restarted before this request finished"))
+        with self._cond:
+            self._state, self._detail = "starting", ""
+        try:
+            self._start()
+        except BaseException as e:
+            with self._cond:
+                self._state, self._detail = "failed", str(e)
+            raise
+
+    def _stop(self, reason: BaseException) -> None:
+        if self.scheduler is not None:
+            self.scheduler.close()
+        if self._thread is not None:
+            self._thread.join()
+        if self.scheduler is not None:
+            self.scheduler.fail_all(reason)
         self.cluster.close()
+
+    def close(self) -> None:
+        if self._state == "closed":
+            return
+        self._stop(EngineClosedError("engine closed before this request finished"))
+        with self._cond:
+            self._state = "closed"
 
     def __enter__(self) -> "Engine":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    # ---- prompts ------------------------------------------------------------------------
+    def encode(self, prompt: Prompt, chat: bool = False, suffix: Optional[str] = None
+               ) -> list[int]:
+        """Token ids of a prompt: text (optionally in the chat template, or as the prefix
+        of a fill-in-the-middle request with `suffix`) or ids as given."""
+        if suffix is not None:
+            if not isinstance(prompt, str) or chat:
+                raise DsflowError("suffix (fill-in-the-middle) needs a text prompt, not chat")
+            return self.tokenizer.encode_fim(prompt, suffix)
+        if not isinstance(prompt, str):
+            return [int(t) for t in prompt]
+        return self.tokenizer.encode_chat(prompt) if chat else self.tokenizer.encode(prompt)
+
+    def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
+        vocab = self.manifest.config.vocab_size
+        if not ids:
+            raise DsflowError("empty prompt: give at least one token of text")
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise DsflowError(f"prompt token id {bad[0]} is outside the vocabulary "
+                              f"(0..{vocab - 1})")
+        self.plan.check_fits(len(ids), params)
+
+    # ---- requests -----------------------------------------------------------------------
+    def submit(self, prompt: Prompt, params: Optional[SamplingParams] = None, *,
+               chat: bool = False, suffix: Optional[str] = None) -> RequestHandle:
+        """Queue one prompt (thread-safe); returns at once with its handle. Raises at
+        once if it can never fit (CacheLimitError), if the queue is full
+        (QueueFullError) or if the engine is closed or failed (EngineClosedError)."""
+        params = params or self.default_params
+        params.check()
+        ids = self.encode(prompt, chat, suffix)
+        self._check_prompt(ids, params)
+        handle = RequestHandle(uuid.uuid4().hex, ids, params.n, self._wake)
+        with self._cond:
+            self._check_open()
+            if self.max_queue is not None and self.scheduler.waiting_count() >= self.max_queue:
+                raise QueueFullError(f"{self.max_queue} requests already waiting "
+                                     "(--max-queue); try again later")
+            self.scheduler.add(handle, params)
+            self._cond.notify_all()
+        return handle
+
+    def _check_open(self) -> None:
+        if self._state != "ready":
+            why = f": {self._detail}" if self._detail else ""
+            fix = "; call restart()" if self._state == "failed" else ""
+            raise EngineClosedError(f"engine is {self._state}{why}{fix}")
+
+    def _wake(self, _handle: RequestHandle) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def chat(self, messages: list[dict], params: Optional[SamplingParams] = None
+             ) -> Completion:
+        """One reply to a multi-turn conversation ([{"role": ..., "content": ...}])."""
+        text = self.tokenizer.apply_chat_template(messages)
+        ids = self.tokenizer.encode(text, add_bos=False)
+        return self.submit(ids, params).result()[0]
+
+    def stream(self, prompts: Union[Prompt, Sequence[Prompt]],
+               params: Optional[SamplingParams] = None, chat: bool = False
+               ) -> Iterator[StreamEvent]:
+        """Yield text as it is generated, for every prompt; event/completion index =
+        prompt index * n + sample index. Leaving early cancels what is left."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = params or self.default_params
+        params.check()
+        ids = [self.encode(p, chat) for p in prompts]
+        if not ids:
+            raise DsflowError("empty prompt: give at least one token of text")
+        for p in ids:
+            self._check_prompt(p, params)
+        handles: list[RequestHandle] = []
+        items: queue.Queue = queue.Queue()
+        try:
+            for i, p in enumerate(ids):
+                handles.append(self.submit(p, params))
+                handles[-1].subscribe(lambda item, i=i: items.put((i, item)))
+            left = len(ids) * params.n
+            while left:
+                i, item = items.get()
+                if isinstance(item, BaseException):
+                    raise item
+                index = i * params.n + item.index
+                done = item.finished
+                if done is not None:
+                    left -= 1
+                    done = dataclasses.replace(done, index=index)
+                yield dataclasses.replace(item, index=index, finished=done)
+        finally:
+            for h in handles:
+                h.cancel()
+
+    def generate(self, prompts: Union[Prompt, Sequence[Prompt]],
+                 params: Optional[SamplingParams] = None, chat: bool = False
+                 ) -> list[Completion]:
+        """Every completion of every prompt, in prompt order."""
+        done = [e.finished for e in self.stream(prompts, params, chat) if e.finished]
+        return sorted(done, key=lambda c: c.index)
+
+    # ---- exclusive work on the engine thread ------------------------------------------
+    def _call(self, slots: int, fn: Callable[[list[int]], object]) -> object:
+        """Run fn(slot ids) on the engine thread between steps, with `slots` slots."""
+        if slots > self.plan.slots:
+            raise CacheLimitError(f"{slots} sequences at once exceed the {self.plan.slots} "
+                                  "slots of this engine (--max-batch)")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            self._check_open()
+            self.scheduler.add_job(slots, fn, future)
+            self._cond.notify_all()
+        return future.result()
+
+    def forced_logits(self, prompts: Sequence[Sequence[int]],
+                      forced: Sequence[Sequence[int]],
+                      prefill_chunk: Optional[int] = None) -> np.ndarray:
+        """Logits after each prompt and after each given next token (teacher forcing):
+        [batch, 1 + n, vocab]. For parity checks and scoring; all `forced` lists must
+        have the same length n. `prefill_chunk` overrides the engine's chunk size."""
+        n = len(forced[0]) if forced else 0
+        if any(len(f) != n for f in forced) or len(forced) != len(prompts):
+            raise DsflowError("forced_logits: one continuation per prompt, all the same length")
+        ids = [list(map(int, p)) for p in prompts]
+        for p in ids:
+            self._check_prompt(p, SamplingParams(max_new_tokens=max(n, 1)))
+        chunk = prefill_chunk or self.plan.prefill_chunk
+        return self._call(len(ids), lambda slots: self.scheduler.forced_logits(
+            slots, ids, [list(map(int, f)) for f in forced], chunk))

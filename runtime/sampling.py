@@ -1,16 +1,22 @@
-"""Choosing the next token from the gathered logits (numpy, on the coordinator).
+"""Sampling parameters and choosing the next token from gathered logits (numpy, on the
+coordinator), one sequence at a time.
 
-Ids at or beyond the tokenizer's vocabulary are never chosen: DeepSeek-Coder's
-embedding has 32256 rows for 32022 real tokens, and tp-padding adds more.
+Each sequence has its own sampler and random generator, so a seeded request draws the
+same tokens whatever else shares its batch. Ids at or beyond the tokenizer's
+vocabulary are never chosen: DeepSeek-Coder's embedding has 32256 rows for 32022 real
+tokens, and tp-padding adds more.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import InitVar, dataclass, field
 from typing import Optional
 
 import numpy as np
 
 from dsflow.common.errors import DsflowError
+
+MAX_LOGPROBS = 20  # as vLLM's default cap
 
 
 class SamplingError(DsflowError):
@@ -18,43 +24,96 @@ class SamplingError(DsflowError):
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """Log-probability of a chosen token under the model (before temperature/top-k/p),
+    and the `top` most likely alternatives, best first."""
+    token_id: int
+    logprob: float
+    top: list = field(default_factory=list)  # [(token_id, logprob)]
+
+    def to_dict(self) -> dict:
+        return {"token_id": self.token_id, "logprob": self.logprob,
+                "top": [[t, lp] for t, lp in self.top]}
+
+
+@dataclass(frozen=True)
 class SamplingParams:
+    """Per-request generation settings; vLLM's names are accepted too (max_tokens)."""
     max_new_tokens: int = 128
     temperature: float = 0.0          # 0 = greedy
     top_k: int = 0                    # 0 = off
     top_p: float = 1.0                # 1 = off
-    seed: Optional[int] = None
+    seed: Optional[int] = None        # per-sequence generator
     stop: tuple[str, ...] = field(default=())
+    stop_token_ids: tuple[int, ...] = field(default=())
     ignore_eos: bool = False
+    n: int = 1                        # samples of one prompt sharing its prefill
+    logprobs: Optional[int] = None    # None: off; k: chosen token + top-k alternatives
+    # vLLM's name for max_new_tokens; init-only, so dataclasses.replace keeps working
+    max_tokens: InitVar[Optional[int]] = None
+
+    def __post_init__(self, max_tokens: Optional[int]) -> None:
+        if max_tokens is not None:
+            object.__setattr__(self, "max_new_tokens", max_tokens)
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop or ()))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
 
     def check(self) -> None:
-        if self.max_new_tokens < 1:
-            raise SamplingError(f"--max-new-tokens {self.max_new_tokens}: must be at least 1")
-        if self.temperature < 0:
-            raise SamplingError(f"--temperature {self.temperature}: must be >= 0 (0 = greedy)")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise SamplingError(f"--max-new-tokens (max_tokens) {self.max_new_tokens}: "
+                                "must be an integer >= 1")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise SamplingError(f"--temperature {self.temperature}: must be a finite number "
+                                ">= 0 (0 = greedy)")
         if self.top_k < 0:
             raise SamplingError(f"--top-k {self.top_k}: must be >= 0 (0 = off)")
-        if not 0.0 < self.top_p <= 1.0:
+        if not 0.0 < self.top_p <= 1.0:  # also refuses NaN
             raise SamplingError(f"--top-p {self.top_p}: must be in (0, 1]")
+        if self.seed is not None and self.seed < 0:
+            raise SamplingError(f"--seed {self.seed}: must be >= 0")
         if any(s == "" for s in self.stop):
             raise SamplingError("--stop: an empty stop string would stop at once")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise SamplingError(f"stop_token_ids {list(self.stop_token_ids)}: must be token "
+                                "ids >= 0")
+        if not isinstance(self.n, int) or self.n < 1:
+            raise SamplingError(f"--n {self.n}: must be an integer >= 1")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise SamplingError(f"--logprobs {self.logprobs}: must be in 0..{MAX_LOGPROBS}")
+
+
+def sequence_rng(seed: Optional[int], index: int) -> np.random.Generator:
+    """Sample `index` of a request: sample 0 uses the seed as given (a one-sample
+    request is reproducible with the plain seed), sample i > 0 the seed and i."""
+    if seed is None:
+        return np.random.default_rng()
+    return np.random.default_rng(seed if index == 0 else [seed, index])
 
 
 class Sampler:
-    def __init__(self, params: SamplingParams, vocab_limit: int):
+    """One sequence's next-token choice (its own generator) and optional logprobs."""
+
+    def __init__(self, params: SamplingParams, vocab_limit: int, index: int = 0):
         params.check()
         self.params = params
         self.vocab_limit = vocab_limit
-        self.rng = np.random.default_rng(params.seed)
+        self.rng = sequence_rng(params.seed, index)
 
     def __call__(self, logits: np.ndarray) -> np.ndarray:
-        """logits [b, >= vocab_limit] -> token ids int32 [b]."""
-        logits = logits[:, :self.vocab_limit].astype(np.float32, copy=False)
-        if self.params.temperature == 0.0:
-            return logits.argmax(-1).astype(np.int32)
-        return np.array([self._sample_row(row) for row in logits], np.int32)
+        """logits [b, >= vocab_limit] -> token ids int32 [b], rows in order."""
+        return np.array([self.pick(row)[0] for row in logits], np.int32)
 
-    def _sample_row(self, row: np.ndarray) -> int:
+    def pick(self, row: np.ndarray) -> tuple[int, Optional[TokenLogprob]]:
+        """One row of logits -> (token id, its logprob entry if asked for)."""
+        row = row[:self.vocab_limit].astype(np.float32, copy=False)
+        token = int(row.argmax()) if self.params.temperature == 0.0 else self._sample(row)
+        if self.params.logprobs is None:
+            return token, None
+        return token, token_logprob(row, token, self.params.logprobs)
+
+    def _sample(self, row: np.ndarray) -> int:
         p = self.params
         row = row / p.temperature
         order = np.argsort(-row, kind="stable")
@@ -69,3 +128,11 @@ class Sampler:
             probs = probs[:keep] / probs[:keep].sum()
             order = order[:keep]
         return int(order[self.rng.choice(len(probs), p=probs)])
+
+
+def token_logprob(row: np.ndarray, token: int, top: int) -> TokenLogprob:
+    """log_softmax of the raw logits (in float64): the chosen token and the top ones."""
+    x = row.astype(np.float64)
+    logp = x - (x.max() + np.log(np.exp(x - x.max()).sum()))
+    best = np.argsort(-logp, kind="stable")[:top] if top else []
+    return TokenLogprob(token, float(logp[token]), [(int(i), float(logp[i])) for i in best])

@@ -74,10 +74,31 @@ class Tokenizer:
         return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                      bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
+    def encode_fim(self, prefix: str, suffix: str) -> list[int]:
+        """DeepSeek-Coder's fill-in-the-middle prompt: BOS (as usual), then
+        <｜fim▁begin｜>prefix<｜fim▁hole｜>suffix<｜fim▁end｜>; the model writes the middle.
+        Same ids as tokenizing that text (added tokens split the text the same way)."""
+        begin, hole, end = _fim_ids(self)
+        ids = [begin, *self.encode(prefix, add_bos=False), hole,
+               *self.encode(suffix, add_bos=False), end]
+        return ([self.bos_id] if self.add_bos else []) + ids
+
     def encode_chat(self, user_text: str) -> list[int]:
         """Token ids of a one-turn chat; the template already starts with BOS."""
         return self.encode(self.apply_chat_template([{"role": "user", "content": user_text}]),
                            add_bos=False)
+
+
+FIM_TOKENS = ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>")  # DeepSeek-Coder
+
+
+def _fim_ids(tok: "Tokenizer") -> list[int]:
+    ids = [tok._id(t) for t in FIM_TOKENS]
+    if None in ids:
+        raise TokenizerError(f"this tokenizer has no fill-in-the-middle tokens "
+                             f"({', '.join(FIM_TOKENS)}); --suffix needs a DeepSeek-Coder "
+                             "tokenizer")
+    return ids
 
 
 class IncrementalDecoder:

@@ -58,13 +58,16 @@ def _serve(conn, backend) -> None:
             conn.send(("ok", _memory()))
             return
         if op == "prefill":
-            out = backend.prefill(payload["input_ids"], payload["valid_length"],
-                                  payload["kv_len"])
-            conn.send(("logits", out))
+            conn.send(("logits", backend.prefill(
+                payload["slot_ids"], payload["input_ids"], payload["start"],
+                payload["valid_length"], payload["kv_len"])))
         elif op == "decode":
-            conn.send(("logits", backend.decode(payload["input_ids"], payload["positions"])))
-        elif op == "release":
-            backend.release()
+            conn.send(("logits", backend.decode(payload["slot_ids"], payload["input_ids"],
+                                                payload["positions"], payload["kv_len"])))
+        elif op == "configure":
+            conn.send(("ok", backend.configure(payload["slots"], payload["capacity"])))
+        elif op == "copy_slot":
+            backend.copy_slot(payload["src"], payload["dst"], payload["length"])
             conn.send(("ok", {}))
         elif op == "stats":
             conn.send(("ok", _memory()))

@@ -88,7 +88,10 @@ def hf_model(tiny_checkpoint):
 
 
 _ARTIFACTS: dict[int, Path] = {}
-_ENGINES: dict[int, object] = {}
+_ENGINES: dict[object, object] = {}
+# A small serving engine: 3 slots and 8-token prefill chunks, so tests see requests
+# wait for slots and prompts prefilled in several chunks.
+SMALL = dict(max_batch=3, prefill_chunk=8)
 
 
 @pytest.fixture(scope="session")
@@ -117,6 +120,19 @@ def engine_for(export_tiny):
     for engine in _ENGINES.values():
         engine.close()
     _ENGINES.clear()
+
+
+@pytest.fixture(scope="session")
+def small_engine_for(export_tiny, engine_for):
+    """tp -> a running Engine with SMALL slots/chunks, shared by the session."""
+    from dsflow.runtime.engine import Engine
+
+    def get(tp: int):
+        key = ("small", tp)
+        if key not in _ENGINES:
+            _ENGINES[key] = Engine(export_tiny(tp), **SMALL)
+        return _ENGINES[key]
+    return get
 
 
 _DEFAULT_ARTIFACTS: dict[int, Path] = {}

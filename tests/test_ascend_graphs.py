@@ -118,14 +118,16 @@ def test_ascend_graphs_hold_the_fused_ops_and_no_decomposed_attention(graphs, tp
 
 @pytest.mark.parametrize("tp", TPS)
 def test_fused_op_arguments(exported, tp):
-    """Heads per rank, 1/sqrt(head_dim), BNSD, GQA, causal band, write axis, rope mode."""
+    """Heads per rank, 1/sqrt(head_dim), BNSD, GQA, no band (the mask covers window and
+    chunk), write axis, rope mode."""
     heads, kv_heads = CFG.num_heads // tp, CFG.num_kv_heads // tp
     scale = pytest.approx(1 / math.sqrt(CFG.head_dim))
     rank0 = exported["ascend", tp] / "rank0"
     # PromptFlashAttention: num_heads, scale, pre_tokens, next_tokens, layout, kv heads,
     # sparse_mode, inner_precise (the last 8 constant inputs, constructor order)
     for args in op_arguments(rank0 / "prefill.mindir", "PromptFlashAttention"):
-        assert args[-8:] == [heads, scale, 2**31 - 1, 0, INPUT_LAYOUT_BNSD, kv_heads, 0, 1]
+        assert args[-8:] == [heads, scale, 2**31 - 1, 2**31 - 1, INPUT_LAYOUT_BNSD, kv_heads,
+                             0, 1]
     # IncreFlashAttention: num_heads, layout, scale, kv heads, block_size, inner_precise
     for args in op_arguments(rank0 / "decode.mindir", "IncreFlashAttention"):
         assert args[-6:] == [heads, INPUT_LAYOUT_BNSD, scale, kv_heads, 0, 1]
@@ -195,7 +197,7 @@ def test_inspect_artifacts_reads_the_manifest(exported):
     assert [(g["rank"], g["graph"], g["target"]) for g in graphs] == [
         (0, "prefill", "ascend"), (0, "decode", "ascend"),
         (1, "prefill", "ascend"), (1, "decode", "ascend")]
-    assert [t["name"] for t in graphs[1]["outputs"]] == ["logits", "key_cache", "value_cache"]
+    assert [t["name"] for t in graphs[1]["outputs"]] == ["logits", "key", "value"]
     assert "tensors" not in graphs[0]["parameters"]
     assert [g["rank"] for g in inspect_artifacts(exported["ascend", 2], rank=1)] == [1, 1]
 
@@ -211,7 +213,7 @@ def test_dsexport_inspect_json_lines_and_table(exported):
     assert set(lines[0]["parameters"]) >= {"count", "bytes"}
     table = CliRunner().invoke(inspect_cmd, [str(art)]).output
     assert "rank 1 decode (ascend)" in table and "IncreFlashAttention 2" in table
-    assert "key_cache      float16   [2, ?, 2, ?, 16]" in table
+    assert "key_window     float16   [2, ?, 2, ?, 16]" in table
 
 
 @pytest.mark.parametrize("args, message", [

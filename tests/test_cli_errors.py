@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from dsflow.artifacts.manifest import FORMAT_VERSION
 from dsflow.export.cli.main import main as dsexport
 
 COMMANDS = {"dsexport": "dsflow.export.cli.main", "dsrun": "dsflow.runtime.cli",
-            "dsserve": "dsflow.runtime.serve_cli"}
+            "dsserve": "dsflow.runtime.server.cli"}
 
 
 def run_cmd(name: str, *args, stdin: bytes = b"", timeout: float = 120,
@@ -64,7 +65,7 @@ def _manifest_dir(tmp_path: Path, content: str | bytes) -> Path:
     return art
 
 
-GOOD_HEAD = {"format": "dsflow-artifacts", "format_version": 1}
+GOOD_HEAD = {"format": "dsflow-artifacts", "format_version": FORMAT_VERSION}
 
 
 @pytest.mark.parametrize("content,needle", [
@@ -76,6 +77,7 @@ GOOD_HEAD = {"format": "dsflow-artifacts", "format_version": 1}
                  "kv_cache": {"dtype": "float32", "max_seq_len": 8}, "graphs": [],
                  "files": {}}), "model section is not a valid config"),
     (json.dumps({**GOOD_HEAD, "format_version": 99}), "newer than this dsflow"),
+    (json.dumps({**GOOD_HEAD, "format_version": 1}), "older than this dsflow reads"),
 ])
 def test_bad_manifests_are_one_line(tmp_path, content, needle):
     art = _manifest_dir(tmp_path, content)

@@ -60,7 +60,7 @@ def test_manifest_describes_and_checksums_everything(export_tiny, tiny_checkpoin
             assert (art / g["file"]).is_file()
             sig = graph_signature(kind, m.config, 2, "float32").to_dict()
             assert g["inputs"] == sig["inputs"] and g["outputs"] == sig["outputs"]
-    assert m.data["kv_cache"]["layout"] == ["layers", "batch", "kv_heads_per_rank", "kv_len",
+    assert m.data["kv_cache"]["layout"] == ["layers", "slots", "kv_heads_per_rank", "capacity",
                                             "head_dim"]
     assert m.data["kv_cache"]["max_seq_len"] == 512
     assert {e["split"] for e in m.data["tp_plan"]} == {"replicate", "column", "row", "vocab"}

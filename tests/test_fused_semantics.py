@@ -94,12 +94,15 @@ def _gqa_attention(q, k, v, masked, scale):
     return np.einsum("bnqk,bnkd->bnqd", p / p.sum(-1, keepdims=True), v).astype(np.float32)
 
 
-def ref_prompt_flash_attention(q, k, v, attn_mask, scale_value, num_key_value_heads):
-    """PromptFlashAttention, input_layout BNSD, sparse_mode 0, next_tokens 0:
-    softmax(scale * q k^T, masked where attn_mask is True) v, GQA by head groups."""
+def ref_prompt_flash_attention(q, k, v, attn_mask, scale_value, num_key_value_heads,
+                               next_tokens=0):
+    """PromptFlashAttention, input_layout BNSD, sparse_mode 0: softmax(scale * q k^T,
+    masked where attn_mask is True or key j > query i + next_tokens) v, GQA by head
+    groups (next_tokens None: no band)."""
     assert k.shape[1] == num_key_value_heads
     sq, skv = q.shape[2], k.shape[2]
-    band = np.triu(np.ones((sq, skv), bool), 1)  # next_tokens = 0: no key after the query
+    band = (np.zeros((sq, skv), bool) if next_tokens is None
+            else np.triu(np.ones((sq, skv), bool), 1 + next_tokens))
     return _gqa_attention(q, k, v, attn_mask | band, scale_value)
 
 
@@ -164,13 +167,20 @@ def prefill_mask(a, pos):
     return a.prefill_mask(pos)
 
 
-def prefill(a, q, k, v, pos):
-    return a.prefill(q, k, v, a.prefill_mask(pos))
+def prefill(a, q, k, v, key_window, value_window, start, pos):
+    ctx = a.window_context(key_window, value_window, start)
+    k_past, v_past = a.layer_cache(ctx, 0)
+    return a.prefill(q, k, v, k_past, v_past, ctx, a.prefill_mask(pos))
+
+
+def prefill_full_mask(a, key_window, value_window, start, pos):
+    return a.prefill_full_mask(a.window_context(key_window, value_window, start),
+                               a.prefill_mask(pos))
 
 
 def decode_context(a, key_cache, value_cache, positions):
-    ctx = a.decode_begin(key_cache, value_cache, positions)
-    return ctx[2], ctx[3], ctx[4]
+    ctx = a.window_context(key_cache, value_cache, positions)
+    return ctx[6], ctx[3], ctx[4]
 
 
 # ---- portable kernels vs the models ----------------------------------------------
@@ -218,16 +228,23 @@ def test_ascend_prefill_mask_is_causal_true_masked():
 
 
 def test_prefill_attention_decomposition_is_prompt_flash_attention():
-    """Portable prefill (GQA folded into rows, select + softmax) vs PFA's semantics fed
-    the mask the Ascend kernel builds, on BNSD views of the same q/k/v."""
+    """Portable prefill of a chunk (GQA folded into rows; window and chunk attended
+    separately, one softmax) vs PFA's semantics over [window | chunk] fed the mask the
+    Ascend kernel builds, on BNSD views of the same q/k/v. Row 0 is a first chunk,
+    row 1 follows 5 cached positions; window positions beyond hold stale garbage."""
     q, k, v = _prefill_inputs()
+    windows = randn(1, B, NKV, KV, D, seed=10), randn(1, B, NKV, KV, D, seed=11)
+    start = np.array([0, 5], np.int32)
     portable = kernels_portable.Attention(CFG, 1)
     pos = np.arange(S, dtype=np.int32)
-    out, k_out, v_out = run(portable, prefill, q, k, v, pos)
-    mask = run(kernels_ascend.Attention(CFG, 1), prefill_mask, pos)
-    ref = ref_prompt_flash_attention(bnsd(q), bnsd(k), bnsd(v), mask, SCALE, NKV)
+    out, k_out, v_out = run(portable, prefill, q, k, v, *windows, start, pos)
+    mask = run(kernels_ascend.Attention(CFG, 1), prefill_full_mask, *windows, start, pos)
+    assert mask.shape == (B, 1, S, KV + S)
+    keys, values = (np.concatenate([w[0], bnsd(x)], 2) for w, x in zip(windows, (k, v)))
+    ref = ref_prompt_flash_attention(bnsd(q), keys, values, mask, SCALE, NKV,
+                                     next_tokens=None)
     np.testing.assert_allclose(out, bnsd(ref).reshape(B * S, N * D), rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(k_out, bnsd(k))  # the cache gets un-repeated BNSD K/V
+    np.testing.assert_array_equal(k_out, bnsd(k))  # the slots get un-repeated BNSD K/V
     np.testing.assert_array_equal(v_out, bnsd(v))
 
 
@@ -239,16 +256,16 @@ def _decode_inputs():
 
 
 def _portable_decode(a, q, k, v, key_cache, value_cache, positions):
-    ctx = a.decode_begin(key_cache, value_cache, positions)
+    ctx = a.window_context(key_cache, value_cache, positions)
     k_layer, v_layer = a.layer_cache(ctx, 0)
     out, k_new, v_new = a.decode(q, k, v, k_layer, v_layer, ctx)
-    key_cache, value_cache = a.decode_end(key_cache, value_cache, ctx, (k_new,), (v_new,))
-    return out, key_cache, value_cache
+    key, value = a.window_end((k_new,), (v_new,))
+    return out, key, value
 
 
 def test_decode_is_scatter_update_then_incre_flash_attention():
-    """Portable decode (attend old slots + new token, one scatter at the end) vs
-    KVCacheScatterUpdate at positions then IFA over the updated cache, fed the mask,
+    """Portable decode (attend the window + the new token, return the new K/V) vs
+    KVCacheScatterUpdate at positions then IFA over the updated window, fed the mask,
     offsets and lengths the Ascend kernel builds."""
     q, k, v, key_cache, value_cache, positions = _decode_inputs()
     out, new_k, new_v = run(kernels_portable.Attention(CFG, 1), _portable_decode,
@@ -257,10 +274,10 @@ def test_decode_is_scatter_update_then_incre_flash_attention():
     masked, offsets, lengths = run(ascend, decode_context, key_cache, value_cache, positions)
     assert masked.shape == (B, 1, 1, KV) and offsets.dtype == lengths.dtype == np.int64
     np.testing.assert_array_equal(lengths, positions + 1)
+    np.testing.assert_array_equal(new_k[0], bnsd(k))  # [b, kv_heads, 1, hd] for the slots
+    np.testing.assert_array_equal(new_v[0], bnsd(v))
     ref_k = ref_kv_cache_scatter_update(key_cache[0], offsets, bnsd(k))
     ref_v = ref_kv_cache_scatter_update(value_cache[0], offsets, bnsd(v))
-    np.testing.assert_array_equal(new_k[0], ref_k)
-    np.testing.assert_array_equal(new_v[0], ref_v)
     ref = ref_incre_flash_attention(bnsd(q), ref_k, ref_v, masked, lengths, SCALE, NKV)
     np.testing.assert_allclose(out, ref.reshape(B, N * D), rtol=1e-5, atol=1e-5)
 
@@ -405,8 +422,9 @@ def test_ascend_decode_mask_offsets_lengths_past_2048_fp16_cache(kv_len):
 
 @pytest.mark.parametrize("kv_len", LONG)
 def test_portable_decode_past_2048_fp16_matches_numpy(kv_len):
-    """The whole portable decode step in fp16 (mask, attention, cache write at the
-    position) against the numpy model; stale slots after the position hold 100s."""
+    """The whole portable decode step in fp16 (mask, attention over the window and the
+    new token) against the numpy model of a cache written at the position; stale slots
+    after the position hold 100s."""
     positions, key_cache, value_cache = long_decode_inputs(kv_len)
     q, k, v = (randn(B, 1, h, D, seed=s).astype(np.float16)
                for h, s in ((N, 6), (NKV, 7), (NKV, 8)))
@@ -414,8 +432,8 @@ def test_portable_decode_past_2048_fp16_matches_numpy(kv_len):
                             q, k, v, key_cache, value_cache, positions)
     ref_k = ref_kv_cache_scatter_update(key_cache[0], positions, bnsd(k))
     ref_v = ref_kv_cache_scatter_update(value_cache[0], positions, bnsd(v))
-    np.testing.assert_array_equal(new_k[0], ref_k)
-    np.testing.assert_array_equal(new_v[0], ref_v)
+    np.testing.assert_array_equal(new_k[0], bnsd(k))  # the new K/V, for the slots
+    np.testing.assert_array_equal(new_v[0], bnsd(v))
     masked = (np.arange(kv_len)[None, :] > positions[:, None])[:, None, None, :]
     ref = _gqa_attention(bnsd(q).astype(np.float32), ref_k.astype(np.float32),
                          ref_v.astype(np.float32), masked, SCALE)

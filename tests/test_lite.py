@@ -21,7 +21,6 @@ from dsflow.artifacts import lite as lite_names
 from dsflow.artifacts.manifest import Manifest, write_manifest
 from dsflow.graphs.config import config_from_hf_dict, load_config
 from dsflow.graphs.signatures import graph_signature
-from dsflow.runtime.kv_cache import plan_shapes
 
 FAKES = Path(__file__).resolve().parent / "fakes"
 BUCKETS = [16, 32, 64]
@@ -90,6 +89,7 @@ def test_ini_tiny_batch1_matches_signature_and_buckets():
         shape = ini["ge_graph_options"]["ge.inputShape"].split(";")
         assert [s.split(":")[0] for s in shape] == sorted(t.name for t in sig.inputs)
         gears = [g.split(",") for g in ini["ge_graph_options"]["ge.dynamicDims"].split(";")]
+        # only kv_len varies (a prefill chunk's seq is static: the smallest bucket)
         assert [set(map(int, g)) for g in gears] == [{b} for b in BUCKETS]
         assert ini["ge_graph_options"]["ge.dynamicNodeType"] == "1"
 
@@ -99,22 +99,26 @@ def test_ini_33b_tp4():
     buckets = [512, 1024, 2048, 4096, 8192, 16384]
     pre = graph_options(lb.lite_config(graph_signature("prefill", cfg, 4, "bfloat16"), buckets))
     dec = graph_options(lb.lite_config(graph_signature("decode", cfg, 4, "bfloat16"), buckets))
-    assert pre["ge.inputShape"] == "input_ids:1,-1;valid_length:1"
-    assert pre["ge.dynamicDims"] == ";".join(map(str, buckets))
-    assert dec["ge.inputShape"] == ("input_ids:1;key_cache:62,1,2,-1,128;positions:1;"
-                                    "value_cache:62,1,2,-1,128")
+    window = "62,1,2,-1,128"  # [layers, batch, kv heads per rank, kv_len, head dim]
+    assert pre["ge.inputShape"] == (f"input_ids:1,512;key_window:{window};start:1;"
+                                    f"valid_length:1;value_window:{window}")
+    assert pre["ge.dynamicDims"] == ";".join(f"{b},{b}" for b in buckets)
+    assert dec["ge.inputShape"] == (f"input_ids:1;key_window:{window};positions:1;"
+                                    f"value_window:{window}")
     assert dec["ge.dynamicDims"] == ";".join(f"{b},{b}" for b in buckets)
 
 
 def test_batch_gears_and_limit():
     sig = graph_signature("decode", CFG, 1, "float16")
     assert lb.ge_input_shape(sig, [16, 32], [1, 4]) == (
-        "input_ids:-1;key_cache:2,-1,2,-1,8;positions:-1;value_cache:2,-1,2,-1,8")
+        "input_ids:-1;key_window:2,-1,2,-1,8;positions:-1;value_window:2,-1,2,-1,8")
     dims = lb.ge_dynamic_dims(sig, [16, 32], [4, 1]).split(";")
     assert dims == ["1,1,16,1,1,16", "1,1,32,1,1,32", "4,4,16,4,4,16", "4,4,32,4,4,32"]
-    prefill = graph_signature("prefill", CFG, 1, "float16")  # one bucket: seq is static
-    assert lb.ge_input_shape(prefill, [16], [1, 2]) == "input_ids:-1,16;valid_length:-1"
-    assert lb.ge_dynamic_dims(prefill, [16], [1, 2]) == "1,1;2,2"
+    prefill = graph_signature("prefill", CFG, 1, "float16")  # chunk: the smallest bucket
+    assert lb.ge_input_shape(prefill, [16], [1, 2]) == (
+        "input_ids:-1,16;key_window:2,-1,2,16,8;start:-1;valid_length:-1;"
+        "value_window:2,-1,2,16,8")
+    assert lb.ge_dynamic_dims(prefill, [16], [1, 2]) == "1,1,1,1,1;2,2,2,2,2"
     with pytest.raises(lb.LiteBuildError, match="at most 100"):
         lb.gears(list(range(1, 12)), list(range(1, 11)))
     with pytest.raises(lb.LiteBuildError, match="positive"):
@@ -128,9 +132,10 @@ def test_one_gear_is_written_as_static_shapes(buckets):
     n = buckets[0]
     pre = graph_options(lb.lite_config(graph_signature("prefill", CFG, 1, "float16"), buckets))
     dec = graph_options(lb.lite_config(graph_signature("decode", CFG, 2, "float16"), buckets))
-    assert pre == {"ge.inputShape": f"input_ids:1,{n};valid_length:1"}
-    assert dec == {"ge.inputShape": f"input_ids:1;key_cache:2,1,1,{n},8;positions:1;"
-                                    f"value_cache:2,1,1,{n},8"}
+    assert pre == {"ge.inputShape": f"input_ids:1,{n};key_window:2,1,2,{n},8;start:1;"
+                                    f"valid_length:1;value_window:2,1,2,{n},8"}
+    assert dec == {"ge.inputShape": f"input_ids:1;key_window:2,1,1,{n},8;positions:1;"
+                                    f"value_window:2,1,1,{n},8"}
 
 
 def ge_shapes_per_gear(graph_input_names: list, ini_text: str, by_name: bool) -> list:
@@ -163,7 +168,7 @@ def test_ge_pairs_every_input_with_its_own_shape_in_every_gear(kind, batch_sizes
                              lb.lite_config(sig, BUCKETS, batch_sizes), by_name)
     want = []
     for batch, length in lb.gears(BUCKETS, batch_sizes):
-        dims = {"batch": batch, "seq": length, "kv_len": length}
+        dims = {"batch": batch, "seq": BUCKETS[0], "kv_len": length}  # chunk: smallest bucket
         want.append({t.name: [d if isinstance(d, int) else dims[d] for d in t.shape]
                      for t in sig.inputs})
     assert got == want
@@ -294,28 +299,12 @@ def test_lite_stage_refuses_missing_buckets_and_altered_signatures(tmp_path):
 
 
 # ---- the backend against the fake ---------------------------------------------------
-def make_kernel(tp: int):
-    """Prefill writes token ids as cache values; decode writes ids[b] at positions[b] and
-    returns in logits[b, 0] the sum of its cache, so a wrong ping-pong shows up."""
-    return lambda path, arrays: kernel(path, arrays, CFG.num_kv_heads // tp, 64 // tp)
-
-
-def kernel(model_path: str, arrays: list, heads: int, vocab: int) -> list:
-    hd, layers = CFG.head_dim, CFG.num_layers
-    if "prefill" in Path(model_path).name:
-        ids, lengths = arrays
-        b, s = ids.shape
-        key = np.broadcast_to(ids[None, :, None, :, None], (layers, b, heads, s, hd))
-        logits = np.zeros((b, vocab), np.float32)
-        logits[np.arange(b), 0] = ids[np.arange(b), lengths - 1]
-        return [logits, key.astype(np.float16), (-key).astype(np.float16)]
-    ids, key, pos, value = arrays
-    key = key.copy()
-    for b in range(len(ids)):
-        key[:, b, :, pos[b], :] = ids[b]
-    logits = np.zeros((len(ids), vocab), np.float32)
-    logits[:, 0] = key[0, :, 0, :, 0].sum(axis=1)
-    return [logits, key, -key]
+def use_token_sum_kernel(fake, monkeypatch, tp: int) -> None:
+    """The deterministic stand-in for the graphs (tests/fakes/token_sum_kernel.py)."""
+    monkeypatch.setenv("DSFLOW_FAKE_TP", str(tp))
+    monkeypatch.syspath_prepend(str(FAKES))
+    from token_sum_kernel import kernel
+    fake.KERNEL = kernel
 
 
 @pytest.fixture()
@@ -353,7 +342,7 @@ def filled_table(manifest: Manifest, devices) -> None:
         json.dumps(lb.rank_table(manifest.tp, devices, ips)))
 
 
-def test_backend_call_sequence_and_ping_pong(tmp_path, fake_lite):
+def test_backend_call_sequence_and_slot_cache(tmp_path, fake_lite, monkeypatch):
     from dsflow.runtime.backends.lite import LiteBackend
     manifest, _ = artifacts(tmp_path, 2, batch_sizes=[1, 2])
     filled_table(manifest, [4, 5])
@@ -363,7 +352,7 @@ def test_backend_call_sequence_and_ping_pong(tmp_path, fake_lite):
     backend = LiteBackend(manifest, 1, 5, barrier=lambda: record("barrier"),
                           turns=Turns(record))
     fake = fake_lite()
-    fake.KERNEL = make_kernel(2)
+    use_token_sum_kernel(fake, monkeypatch, 2)
     assert fake.IMPORT_ENV == {"HCCL_NPU_SOCKET_PORT_RANGE": "21500-21600",
                                "HCCL_CONNECT_TIMEOUT": "1800"}
     calls = fake.CALLS
@@ -382,62 +371,54 @@ def test_backend_call_sequence_and_ping_pong(tmp_path, fake_lite):
     assert os.environ["ASCEND_WORK_PATH"] == str(Path(cache) / "work")
     assert builds[0][6] == {"target": ["ascend"], "device_id": 5, "rank_id": 1,
                             "provider": "ge", "precision_mode": "enforce_origin"}
+    assert backend.configure(slots=2, capacity=64)["cache_bytes"] == \
+        2 * CFG.num_layers * 2 * 1 * 64 * CFG.head_dim * 2  # fp16, 1 KV head per rank
     n_before = len(calls)
-
-    # coordinator side: shapes from the same buckets; prompts of length 3 and 5
-    seq, kv_len = plan_shapes(5, 20, 64, manifest.buckets)
-    assert (seq, kv_len) == (16, 32)
-    ids = np.zeros((2, seq), np.int32)
-    ids[0, :3], ids[1, :5] = [1, 2, 3], [4, 5, 6, 7, 8]
-    logits = backend.prefill(ids, np.array([3, 5], np.int32), kv_len)
-    assert logits.shape == (2, 32) and logits.dtype == np.float32
-    assert list(logits[:, 0]) == [3, 8]
-    sums = [6.0, 30.0]
-    step_io = []
-    for step, (tok, pos) in enumerate([([10, 20], [3, 5]), ([11, 21], [4, 6]), ([12, 22], [5, 7])]):
-        out = backend.decode(np.array(tok, np.int32), np.array(pos, np.int32))
-        sums = [s + t for s, t in zip(sums, tok)]
-        assert list(out[:, 0]) == sums, f"step {step}: cache lost a write (ping-pong)"
-        step_io.append([c for c in calls[n_before:] if c[0] == "predict"][-1])
-    (_, _, _, in0, out0), (_, _, _, in1, out1), (_, _, _, in2, _) = step_io
-    def caches(tags):  # decode inputs: input_ids, key_cache, positions, value_cache
-        return [tags[1], tags[3]]
-    assert caches(in0) == out1[1:] and out0[1:] == caches(in1) and caches(in2) == caches(in0)
+    # slot 1 gets [1, 2, 3] in two chunks; slot 0 gets [4..8] in one
+    i32 = lambda *v: np.array(v, np.int32)  # noqa: E731
+    chunk = np.zeros((2, 16), np.int32)
+    chunk[0, :2], chunk[1, :5] = [1, 2], [4, 5, 6, 7, 8]
+    backend.prefill(i32(1, 0), chunk, i32(0, 0), i32(2, 5), 16)
+    logits = backend.prefill(i32(1), np.array([[3] + [0] * 15], np.int32), i32(2), i32(1), 16)
+    assert logits.shape == (1, 32) and logits.dtype == np.float32
+    totals = {1: 6, 0: 30}
+    for tok, pos in (((10, 20), (3, 5)), ((11, 21), (4, 6))):
+        out = backend.decode(i32(1, 0), i32(*tok), i32(*pos), 16)
+        totals = {1: totals[1] + tok[0], 0: totals[0] + tok[1]}
+        # token_sum_kernel: one-hot at (total % 50 + 5), rank 1 holds ids 32..63
+        assert [int(np.argmax(r)) + 32 if r.any() else None for r in out] == \
+            [t % 50 + 5 if t % 50 + 5 >= 32 else None for t in (totals[1], totals[0])]
     resizes = [c for c in calls[n_before:] if c[0] == "resize"]
-    assert resizes == [("resize", builds[0][1], [[2, 16], [2]]),
-                       ("resize", builds[1][1], [[2], [2, 2, 1, 32, 8], [2], [2, 2, 1, 32, 8]])]
-    kv = [c for c in calls[n_before:] if c[0] == "tensor" and c[4] == "ascend:5"]
-    assert len(kv) == 7  # ids, positions, logits, 2 x (key, value): allocated once
-    backend.release()
-    with pytest.raises(RuntimeError, match="decode before prefill"):
-        backend.decode(np.array([1, 2], np.int32), np.array([0, 0], np.int32))
-
-    def new_calls(since):
-        return [c for c in calls[since:] if c[0] == "resize" or (c[0] == "tensor" and c[4])]
-    mark = len(calls)  # the same shapes again: no resize, no new device tensors
-    backend.prefill(ids, np.array([3, 5], np.int32), kv_len)
-    backend.decode(np.array([1, 2], np.int32), np.array([3, 5], np.int32))
-    assert new_calls(mark) == []
-    mark = len(calls)  # a longer cache gear: one new buffer set, decode resized once
-    backend.prefill(ids, np.array([3, 5], np.int32), 64)
-    backend.decode(np.array([1, 2], np.int32), np.array([3, 5], np.int32))
-    assert [c[0] for c in new_calls(mark)] == ["tensor"] * 7 + ["resize"]
+    def window(batch):  # [layers, batch, 1 KV head per rank, kv_len 16, head dim]
+        return [CFG.num_layers, batch, 1, 16, CFG.head_dim]
+    assert resizes == [  # inputs in name order (graphs/signatures.py)
+        ("resize", builds[0][1], [[2, 16], window(2), [2], [2], window(2)]),
+        ("resize", builds[0][1], [[1, 16], window(1), [1], [1], window(1)]),
+        ("resize", builds[1][1], [[2], window(2), [2], window(2)])]
 
 
-def test_backend_refuses_off_gear_shapes_and_pads_batch(tmp_path, fake_lite):
+def test_backend_refuses_off_gear_shapes_and_pads_batch(tmp_path, fake_lite, monkeypatch):
     from dsflow.runtime.backends.lite import LiteBackend, LiteBackendError
+    from dsflow.runtime.slot_cache import CacheLimitError
     manifest, _ = artifacts(tmp_path, 1, batch_sizes=[1, 4])
     backend = LiteBackend(manifest, 0, 0)
-    fake_lite().KERNEL = make_kernel(1)
-    with pytest.raises(LiteBackendError, match="prompt length 20 is not a GE gear"):
-        backend.prefill(np.zeros((1, 20), np.int32), np.array([3], np.int32), 32)
-    with pytest.raises(LiteBackendError, match="batch of 5 exceeds the largest batch gear 4"):
-        backend.prefill(np.zeros((5, 16), np.int32), np.array([3] * 5, np.int32), 32)
-    out = backend.prefill(np.ones((3, 16), np.int32), np.array([2, 2, 2], np.int32), 16)
+    use_token_sum_kernel(fake_lite(), monkeypatch, 1)
+    backend.configure(slots=4, capacity=64)
+    one = np.array([3], np.int32)
+    with pytest.raises(LiteBackendError, match="prompt chunk length 20 is not a GE gear"):
+        backend.prefill(np.array([0], np.int32), np.zeros((1, 20), np.int32), one * 0, one, 32)
+    with pytest.raises(CacheLimitError, match="batch \\(5\\) fits no shape gear"):
+        backend.prefill(np.arange(5, dtype=np.int32), np.zeros((5, 16), np.int32),
+                        np.zeros(5, np.int32), np.full(5, 3, np.int32), 32)
+    slots = np.array([0, 1, 2], np.int32)
+    out = backend.prefill(slots, np.ones((3, 16), np.int32), np.zeros(3, np.int32),
+                          np.full(3, 2, np.int32), 16)
     assert out.shape == (3, 64)
     pred = [c for c in fake_lite().CALLS if c[0] == "predict"][-1]
-    assert pred[2] == [[4, 16], [4]]  # padded up to the batch gear
-    assert backend.decode(np.ones(3, np.int32), np.full(3, 2, np.int32)).shape == (3, 64)
+    assert [s[0] for s in pred[2]] == [4, 2, 4, 4, 2]  # padded up to the batch gear
+    assert pred[2][1][1] == 4 and pred[2][0] == [4, 16]  # windows too (axis 1: batch)
+    out = backend.decode(slots, np.ones(3, np.int32), np.full(3, 2, np.int32), 16)
+    assert out.shape == (3, 64) and list(out.argmax(1)) == [3 % 50 + 5] * 3
 
 
 def test_backend_builds_in_rank_order(tmp_path, fake_lite):
@@ -590,12 +571,12 @@ def test_lite_version_must_match_the_exporting_mindspore(tmp_path, fake_lite, mo
         LiteBackend(manifest, 0, 0)
 
 
-def test_warm_up_runs_every_gear_of_both_graphs_once(tmp_path, fake_lite):
+def test_warm_up_runs_every_gear_of_both_graphs_once(tmp_path, fake_lite, monkeypatch):
     from dsflow.runtime.backends.lite import LiteBackend
     manifest, _ = artifacts(tmp_path, 1, batch_sizes=[1, 2])
     backend = LiteBackend(manifest, 0, 0)
     fake = fake_lite()
-    fake.KERNEL = make_kernel(1)
+    use_token_sum_kernel(fake, monkeypatch, 1)
     mark = len(fake.CALLS)
     lines = []
     seconds = backend.warm_up(lines.append)
@@ -604,8 +585,8 @@ def test_warm_up_runs_every_gear_of_both_graphs_once(tmp_path, fake_lite):
     want = []
     for batch in (1, 2):
         for n in BUCKETS:
-            want += [[batch, n], [batch]]  # prefill input_ids, then decode input_ids
+            # prefill input_ids (chunk = the smallest bucket), then decode input_ids
+            want += [[batch, BUCKETS[0]], [batch]]
     assert shapes == want
-    decode_caches = [c[2][1] for c in fake.CALLS[mark:] if c[0] == "predict" and len(c[2]) == 4]
-    assert [k[3] for k in decode_caches] == BUCKETS * 2  # kv_len gear of each step
-    assert backend._batch == 0  # released: ready for requests
+    windows = [c[2][1] for c in fake.CALLS[mark:] if c[0] == "predict"]
+    assert [k[3] for k in windows] == [n for n in BUCKETS for _ in "pd"] * 2  # kv_len gears

@@ -44,6 +44,15 @@ def test_json_output_has_the_documented_fields(export_tiny):
     assert "[INFO]" not in r.stderr and "[WARNING]" not in r.stderr
 
 
+def test_fill_in_the_middle_via_cli_shows_prompt_ids(export_tiny):
+    r = dsrun("--artifacts", export_tiny(1), "--prompt", "def f(a", "--suffix", "return a\n",
+              "--max-new-tokens", 3, "--json")
+    assert r.returncode == 0, r.stderr
+    ids = json.loads(r.stdout)["prompt_token_ids"]
+    assert ids[:2] == [32013, 32016] and ids[-1] == 32017  # BOS, fim_begin ... fim_end
+    assert 32015 in ids  # fim_hole
+
+
 def test_streamed_text_equals_api_text(export_tiny, engine_for):
     art = export_tiny(1)
     prompt = "def quick_sort(arr):"

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import TOKENIZER_DIR, require_shared
-from dsflow.runtime.engine import Completion, _SequenceState
+from dsflow.runtime.requests import Completion, _SequenceState
 from dsflow.runtime.sampling import Sampler, SamplingError, SamplingParams
 
 

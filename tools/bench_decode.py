@@ -166,14 +166,20 @@ def table(rows: list[tuple[str, dict]], ref: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--tp", default="1,4", help="comma-separated tp degrees (default 1,4)")
+def model_arguments(p: argparse.ArgumentParser) -> None:
+    """The benchmark model's shape (default: the ~125M configuration); make_checkpoint
+    reads these."""
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--hidden", type=int, default=768)
     p.add_argument("--ffn", type=int, default=2048)
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--kv-heads", type=int, default=4)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--tp", default="1,4", help="comma-separated tp degrees (default 1,4)")
+    model_arguments(p)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeat", type=int, default=5)

@@ -12,7 +12,8 @@ interleaved, because these shared 2-core machines drift by up to 2x over minutes
 
 Model: the 125M DeepSeek-Coder-shaped config of docs/BENCHMARKS.md (hidden 768, ffn 2048,
 12 layers, 12 heads / 4 KV heads, vocab 32256), seeded random fp32 weights, tp=1,
-batch 1, kv_len 256, position 128, 2 MindSpore threads (a tp=1 worker on 2 cores).
+batch 1 (--batch), kv_len 256, position 128, 2 MindSpore threads (a tp=1 worker on 2
+cores). The inputs are the decode signature's: ids, positions and the K/V window.
 """
 from __future__ import annotations
 
@@ -46,20 +47,20 @@ def export(stem: Path) -> None:
     print(export_graph(net, graph_signature("decode", cfg, 1, "float32"), stem))
 
 
-def time_graphs(paths: list[Path], rounds: int, calls: int, kv_len: int) -> None:
+def time_graphs(paths: list[Path], rounds: int, calls: int, kv_len: int, batch: int = 1) -> None:
     """Median ms per decode call of each graph, rounds interleaved across graphs."""
     import mindspore as ms
     from mindspore import Tensor, nn
     ms.set_context(mode=ms.GRAPH_MODE, runtime_num_threads=2)
     ms.set_device("CPU")
     cfg = CONFIG
-    shape = (cfg["num_layers"], 1, cfg["num_kv_heads"],
+    shape = (cfg["num_layers"], batch, cfg["num_kv_heads"],
              kv_len, cfg["hidden_size"] // cfg["num_heads"])
     rng = np.random.default_rng(1)
-    # decode inputs in signature (name) order: input_ids, key_cache, positions, value_cache
-    inputs = (Tensor(np.array([123], np.int32)),
+    # decode inputs in signature (name) order: input_ids, key_window, positions, value_window
+    inputs = (Tensor(np.full(batch, 123, np.int32)),
               Tensor(rng.standard_normal(shape, dtype=np.float32)),
-              Tensor(np.array([kv_len // 2], np.int32)),
+              Tensor(np.full(batch, kv_len // 2, np.int32)),
               Tensor(rng.standard_normal(shape, dtype=np.float32)))
     graphs = [nn.GraphCell(ms.load(str(p))) for p in paths]
     for g in graphs:  # compile + warm up
@@ -87,11 +88,13 @@ def main() -> None:
     t.add_argument("--rounds", type=int, default=9)
     t.add_argument("--calls", type=int, default=20)
     t.add_argument("--kv-len", type=int, default=256)
+    t.add_argument("--batch", type=int, default=1, help="rows per call (cache windows of "
+                   "--kv-len each: the slot-cache decode graph)")
     args = p.parse_args()
     if args.cmd == "export":
         export(args.stem)
     else:
-        time_graphs(args.paths, args.rounds, args.calls, args.kv_len)
+        time_graphs(args.paths, args.rounds, args.calls, args.kv_len, args.batch)
 
 
 if __name__ == "__main__":

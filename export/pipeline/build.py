@@ -29,7 +29,8 @@ from dsflow.graphs.tp_plan import check_tp, weight_specs
 from dsflow.export.checkpoint.reader import Checkpoint
 from dsflow.common.dtypes import convert
 from dsflow.common.errors import ExportError
-from dsflow.artifacts.manifest import MANIFEST_NAME, kv_cache_section, write_manifest
+from dsflow.artifacts.manifest import (GENERATION_CONFIG, MANIFEST_NAME, kv_cache_section,
+                                       write_manifest)
 from dsflow.common.atomic import make_staging_dir
 from dsflow.export.weights.rank_files import (ShardsIndex, check_shards, is_shards_dir, read_index, read_rank,
                           write_shards)
@@ -201,6 +202,14 @@ def _lite_stage(root: Path, data: dict, opts: BuildOptions,
         notice(result["notice"])
 
 
+def _generation_config(model_dir: Path) -> Optional[Path]:
+    """generation_config.json beside the checkpoint (or in a shards dir's tokenizer/)."""
+    for p in (model_dir / GENERATION_CONFIG, model_dir / "tokenizer" / GENERATION_CONFIG):
+        if p.is_file():
+            return p
+    return None
+
+
 def build(opts: BuildOptions, progress: Progress = _no_progress,
           notice: Callable[[str], None] = _no_progress) -> Path:
     """Run the whole export; returns the finished artifacts directory.
@@ -226,6 +235,9 @@ def build(opts: BuildOptions, progress: Progress = _no_progress,
             (root / "tokenizer").mkdir()
             for f in source.tokenizer_files:
                 shutil.copyfile(f, root / "tokenizer" / f.name)
+            generation = _generation_config(Path(opts.model_dir))
+            if generation is not None:
+                shutil.copyfile(generation, root / GENERATION_CONFIG)
             graphs = []
             for rank in range(opts.tp):
                 graphs += _export_rank(shards, opts, dtype, rank, root, progress)

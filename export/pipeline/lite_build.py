@@ -10,9 +10,11 @@ saying why. It returns
 the per-graph entries to record in the manifest; writing the manifest stays with
 `export/pipeline/build.py`.
 
-Shapes: the GE gears come from the same bucket list that `runtime.kv_cache.plan_shapes`
-pads to (prompt -> smallest bucket >= prompt, cache -> smallest bucket >= prompt + new
-tokens), so prefill `seq` gears and decode `kv_len` gears are both exactly the buckets.
+Shapes: the GE gears come from the same bucket list the runtime pads to
+(runtime/scheduler.py SlotPlan): a cache window's `kv_len` is the smallest bucket that
+holds the live length, so `kv_len` gears are exactly the buckets; prompts are prefilled
+in chunks of at most the smallest bucket, so the prefill `seq` dim has that one value
+(a gear per (seq, kv_len) pair would multiply the count past GE's 100).
 Input names, order and dynamic axes come from `graphs.signatures.graph_signature`.
 
 Batch: by default every graph is built for batch 1 (the batch dim is fixed to 1 in
@@ -114,7 +116,9 @@ def gears(buckets: Sequence[int], batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZ
 def _gear_values(buckets: Sequence[int], batch_sizes: Sequence[int]) -> dict[str, list[int]]:
     """The values each named axis takes across the gears."""
     lengths = _positive_sorted(buckets, "--buckets")
-    return {BATCH: _positive_sorted(batch_sizes, "batch sizes"), SEQ: lengths, KV_LEN: lengths}
+    # a prefill chunk is at most the smallest bucket (runtime/scheduler.py SlotPlan)
+    return {BATCH: _positive_sorted(batch_sizes, "batch sizes"), SEQ: lengths[:1],
+            KV_LEN: lengths}
 
 
 def _dim_text(dim: Any, values: dict[str, list[int]]) -> str:
@@ -160,7 +164,7 @@ def ge_dynamic_dims(sig: GraphSignature, buckets: Sequence[int],
     values = _gear_values(buckets, batch_sizes)
     rows = []
     for batch, length in gears(buckets, batch_sizes):
-        gear = {BATCH: batch, SEQ: length, KV_LEN: length}
+        gear = {BATCH: batch, SEQ: min(buckets), KV_LEN: length}
         rows.append(",".join(str(gear[d]) for t in ge_inputs(sig) for d in t.shape
                              if _dim_text(d, values) == "-1"))
     if len(rows) < 2:

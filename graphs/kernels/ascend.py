@@ -8,17 +8,22 @@ has the mapping table and the reasons for each choice.
 
 - RmsNorm(eps)(x, gamma) -> (y, rstd); y only.
 - RotaryPositionEmbedding(x, cos, sin, mode=0): mode 0 is rotate_half (HF Llama). x is
-  BSND [b, s, n, d] with cos/sin 1S1D (prefill) or BS1D (decode). BSND, not BNSD: the
+  BSND [b, s, n, d] with cos/sin BS1D (each row's chunk starts at its own position). BSND, not BNSD: the
   op refuses BNSD when B*N > 8*S with a 32-byte-aligned D, i.e. every decode step.
-- PromptFlashAttention, BNSD, native GQA (num_key_value_heads), bool causal mask
-  [1, 1, s, s] built in-graph, True = masked; sparse_mode 0, next_tokens 0.
+- Prefill (a chunk of s tokens per row after start[b] cached ones): PromptFlashAttention,
+  BNSD, native GQA (num_key_value_heads), over the concatenation [cache window | chunk]
+  with a bool mask [b, 1, s, kv_len + s] built in-graph, True = masked (window
+  positions >= start[b], later chunk tokens); sparse_mode 0, no band (next_tokens
+  unbounded: a band aligned at key 0 would hide the window).
 - Attention runs in float16 (graphs/kernels/__init__.py ASCEND_CACHE_DTYPE: the caches at the
   graph boundary are fp16 because Lite has no bf16 tensors); q/k/v are cast on the way
   in and the output back to the model dtype.
-- Decode: KVCacheScatterUpdate writes the new K/V into the layer's cache at
-  positions[b] (axis -2 of BNSD), then IncreFlashAttention attends over the updated
-  cache with a padding mask [b, 1, 1, kv_len] (True = slot > positions[b]) and
-  actual_seq_lengths = positions + 1 (lets the kernel stop early).
+- Decode: KVCacheScatterUpdate writes the new K/V into this step's copy of the layer's
+  cache window at positions[b] (axis -2 of BNSD; the runtime passes kv_len >
+  positions), then IncreFlashAttention attends over it with a padding mask
+  [b, 1, 1, kv_len] (True = slot > positions[b]) and actual_seq_lengths = positions + 1
+  (lets the kernel stop early). Only the new K/V leave the graph; the worker writes
+  them into its slots (graphs/signatures.py).
 """
 from __future__ import annotations
 
@@ -74,7 +79,8 @@ class Attention(nn.Cell):
         self.head_dim = cfg.head_dim
         scale = attention_scale(cfg.head_dim)
         self.pfa = PromptFlashAttention(
-            num_heads=self.heads, scale_value=scale, pre_tokens=MAX_TOKENS, next_tokens=0,
+            num_heads=self.heads, scale_value=scale, pre_tokens=MAX_TOKENS,
+            next_tokens=MAX_TOKENS,  # no band: the mask says it all (window + chunk)
             input_layout="BNSD", num_key_value_heads=self.kv_heads, sparse_mode=0,
             inner_precise=1)
         self.ifa = IncreFlashAttention(
@@ -89,6 +95,27 @@ class Attention(nn.Cell):
     def _half(x):
         return ops.cast(x, ms.float16)
 
+    # ---- both graphs ---------------------------------------------------------------
+    def window_context(self, key_window, value_window, lengths):
+        """The windows; for prefill the window mask [b, 1, 1, kv_len] (True = masked:
+        position >= start[b]) and an all-False [b, 1, 1, 1] to broadcast the chunk mask
+        over the batch; for decode write offsets, valid lengths (positions + 1) and the
+        mask of positions > positions[b] (the new token is written at positions[b])."""
+        slots = iota_like(key_window[0, 0, 0, :, 0])  # [kv_len] int32, not the fp16 cache dtype
+        masked = ops.expand_dims(slots, 0) >= ops.expand_dims(lengths, 1)  # [b, kv_len]
+        masked = ops.expand_dims(ops.expand_dims(masked, 1), 1)
+        offsets = ops.cast(lengths, ms.int64)
+        no_rows = ops.reshape(ops.zeros_like(lengths) > 0, (-1, 1, 1, 1))
+        after = ops.expand_dims(slots, 0) > ops.expand_dims(lengths, 1)  # decode: > position
+        after = ops.expand_dims(ops.expand_dims(after, 1), 1)
+        return key_window, value_window, masked, offsets, offsets + 1, no_rows, after
+
+    def layer_cache(self, ctx, i: int):
+        return ctx[0][i], ctx[1][i]
+
+    def window_end(self, keys, values):
+        return ops.stack(keys, 0), ops.stack(values, 0)
+
     # ---- prefill -------------------------------------------------------------------
     def prefill_mask(self, pos):
         """pos [s] -> bool [1, 1, s, s], True where key j > query i (masked)."""
@@ -96,41 +123,40 @@ class Attention(nn.Cell):
         masked = ops.expand_dims(pos, 0) > ops.expand_dims(pos, 1)
         return ops.reshape(masked, (1, 1, seq, seq))
 
-    def prefill(self, q, k, v, mask):
-        """Same contract as the portable `prefill`."""
+    def prefill_full_mask(self, ctx, mask):
+        """[b, 1, s, kv_len + s], True = masked: window positions >= start[b], and the
+        chunk's causal mask."""
+        # mask[..., :1] is all False (key 0 is never after a query): [1, 1, s, 1]
+        past = ops.logical_or(ctx[2], mask[:, :, :, :1])  # [b, 1, s, kv_len]
+        chunk = ops.logical_or(mask, ctx[5])  # [b, 1, s, s]
+        return ops.concat((past, chunk), -1)
+
+    def prefill(self, q, k, v, k_past, v_past, ctx, mask):
+        """Same contract as the portable `prefill`: PromptFlashAttention over [window |
+        chunk] with mask [b, 1, s, kv_len + s] (window positions >= start[b] and later
+        chunk tokens masked)."""
         k = self._half(self._bnsd(k))
         v = self._half(self._bnsd(v))
-        out = self.pfa(self._half(self._bnsd(q)), k, v, mask)  # [b, heads, s, hd]
+        keys = ops.concat((k_past, k), 2)
+        values = ops.concat((v_past, v), 2)
+        out = self.pfa(self._half(self._bnsd(q)), keys, values,
+                       self.prefill_full_mask(ctx, mask))  # [b, heads, s, hd]
         out = ops.reshape(self._bnsd(out), (-1, self.heads * self.head_dim))
         return ops.cast(out, q.dtype), k, v
 
     # ---- decode --------------------------------------------------------------------
-    def decode_begin(self, key_cache, value_cache, positions):
-        """Context: the caches, the padding mask, write offsets and valid lengths."""
-        slots = iota_like(key_cache[0, 0, 0, :, 0])  # [kv_len] int32, not the fp16 cache dtype
-        masked = ops.expand_dims(slots, 0) > ops.expand_dims(positions, 1)  # [b, kv_len]
-        masked = ops.expand_dims(ops.expand_dims(masked, 1), 1)  # [b, 1, 1, kv_len]
-        offsets = ops.cast(positions, ms.int64)
-        return key_cache, value_cache, masked, offsets, offsets + 1
-
-    def layer_cache(self, ctx, i: int):
-        return ctx[0][i], ctx[1][i]
-
-    def decode(self, q, k, v, k_cache, v_cache, ctx):
-        """Same contract as the portable `decode`, but the returned K/V are the layer's
-        whole updated caches [b, kv_heads, kv_len, hd]."""
-        masked, offsets, lengths = ctx[2], ctx[3], ctx[4]
+    def decode(self, q, k, v, k_past, v_past, ctx):
+        """Same contract as the portable `decode`. The new K/V are written into this
+        step's window copy at positions[b] (the runtime passes kv_len > positions), so
+        IncreFlashAttention attends a prefix: actual_seq_lengths = positions + 1."""
+        masked, offsets, lengths = ctx[6], ctx[3], ctx[4]
         # s = 1, so BSND [b, 1, n, d] -> BNSD [b, n, 1, d] is a reshape, not a transpose
         dtype = q.dtype
         q = self._half(ops.reshape(q, (-1, self.heads, 1, self.head_dim)))
         k = self._half(ops.reshape(k, (-1, self.kv_heads, 1, self.head_dim)))
         v = self._half(ops.reshape(v, (-1, self.kv_heads, 1, self.head_dim)))
-        k_cache = self.scatter(k_cache, offsets, k, CACHE_SEQ_AXIS, "update")
-        v_cache = self.scatter(v_cache, offsets, v, CACHE_SEQ_AXIS, "update")
-        out = self.ifa(q, [k_cache], [v_cache], masked, lengths)  # [b, heads, 1, hd]
+        k_past = self.scatter(k_past, offsets, k, CACHE_SEQ_AXIS, "update")
+        v_past = self.scatter(v_past, offsets, v, CACHE_SEQ_AXIS, "update")
+        out = self.ifa(q, [k_past], [v_past], masked, lengths)  # [b, heads, 1, hd]
         out = ops.reshape(out, (-1, self.heads * self.head_dim))
-        return ops.cast(out, dtype), k_cache, v_cache
-
-    def decode_end(self, key_cache, value_cache, ctx, keys, values):
-        """The per-layer updated caches, restacked to [layers, b, kv_heads, kv_len, hd]."""
-        return ops.stack(keys, 0), ops.stack(values, 0)
+        return ops.cast(out, dtype), k, v

@@ -84,12 +84,15 @@ class Rotary(nn.Cell):
 
 
 class Attention(nn.Cell):
-    """Attention and KV-cache handling of one rank, shared by all layers (no parameters).
+    """Attention of one rank over a window of the slot cache plus the new tokens, shared
+    by all layers (no parameters).
 
-    Prefill: `prefill_mask` once per graph, `prefill` per layer. Decode: `decode_begin`
-    once, `layer_cache` + `decode` per layer, `decode_end` once. Decode here attends to
-    the cached positions and the new token separately and writes every layer's new K/V
-    with one scatter at the end (a per-layer write copied the cache twice more on CPU).
+    Both graphs: `window_context` once (per-layer windows and which window positions
+    each row may see), `layer_cache` per layer, `window_end` once (the new K/V of every
+    layer, stacked, for the worker to write into its slots). Prefill additionally takes
+    `prefill_mask` (causal within the chunk). The window and the new tokens are attended
+    separately and combined in one softmax, so nothing is concatenated or scattered
+    into the window (on CPU a per-step full-cache scatter cost as much as the attention).
     """
 
     def __init__(self, cfg: ModelConfig, tp: int):
@@ -99,14 +102,33 @@ class Attention(nn.Cell):
         self.kv_heads = sizes.kv_heads
         self.groups = cfg.num_groups
         self.head_dim = cfg.head_dim
-        self.layers = cfg.num_layers
         self.scale = attention_scale(cfg.head_dim)
         self.qk_matmul = ops.BatchMatMul(transpose_b=True)
         self.pv_matmul = ops.BatchMatMul()
         self.reduce_max = ops.ReduceMax(keep_dims=True)
         self.reduce_sum = ops.ReduceSum(keep_dims=True)
 
-    # ---- prefill -------------------------------------------------------------------
+    # ---- both graphs ---------------------------------------------------------------
+    def window_context(self, key_window, value_window, lengths):
+        """Per-layer windows and visibility [b, 1, 1, kv_len] (position < lengths[b]).
+
+        One Unstack per window, never `window[i]`: on CPU a dynamic-shape StridedSlice
+        per layer cost 2.5 ms each (30x an Unstack of all layers)."""
+        key_layers = ops.unstack(key_window, 0)
+        value_layers = ops.unstack(value_window, 0)
+        slots = iota_like(key_layers[0][0, 0, :, 0])  # [kv_len]
+        visible = ops.expand_dims(slots, 0) < ops.expand_dims(lengths, 1)  # [b, kv_len]
+        visible = ops.expand_dims(ops.expand_dims(visible, 1), 1)  # [b, 1, 1, kv_len]
+        return key_layers, value_layers, visible
+
+    def layer_cache(self, ctx, i: int):
+        return ctx[0][i], ctx[1][i]
+
+    def window_end(self, keys, values):
+        """Tuples of per-layer [b, kv_heads, s, hd] -> [layers, b, kv_heads, s, hd]."""
+        return ops.stack(keys, 0), ops.stack(values, 0)
+
+    # ---- prefill: a chunk of s tokens per row ---------------------------------------
     def prefill_mask(self, pos):
         """pos [s] (0..s-1) -> causal mask [1, 1, groups*s, s], True = attend. With right
         padding a real token never sees a pad, so no padding mask is needed."""
@@ -115,79 +137,41 @@ class Attention(nn.Cell):
         causal = ops.tile(ops.expand_dims(causal, 0), (self.groups, 1, 1))
         return ops.reshape(causal, (1, 1, -1, seq))
 
-    def prefill(self, q, k, v, mask):
-        """q [b, s, heads, hd], k/v [b, s, kv_heads, hd] -> (out [b*s, heads*hd],
-        k, v [b, kv_heads, s, hd] for the cache)."""
+    def prefill(self, q, k, v, k_past, v_past, ctx, mask):
+        """q [b, s, heads, hd], k/v [b, s, kv_heads, hd], windows [b, kv_heads, kv_len, hd]
+        -> (out [b*s, heads*hd], k, v [b, kv_heads, s, hd] for the slots)."""
         batch, seq = ops.shape(q)[0], ops.shape(q)[1]
         q = ops.transpose(q, (0, 2, 1, 3))
         k = ops.transpose(k, (0, 2, 1, 3))
         v = ops.transpose(v, (0, 2, 1, 3))
         q = ops.reshape(q, (batch, self.kv_heads, self.groups * seq, self.head_dim))
-        out = self._attend(q, k, v, mask)
+        new = self.qk_matmul(q, k) * self.scale  # [b, kv_heads, groups*s, s]
+        new = ops.select(mask, new, ops.full_like(new, MASK_VALUE))
+        out = self._attend(q, k_past, v_past, ctx[2], new, v)
         out = ops.reshape(out, (batch, self.heads, seq, self.head_dim))
         out = ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (-1, self.heads * self.head_dim))
         return out, k, v
 
-    def _attend(self, q, k, v, mask):
-        """q [b, kv_heads, rows, hd], k/v [b, kv_heads, t, hd], mask True = attend."""
-        scores = self.qk_matmul(q, k) * self.scale
-        scores = ops.select(mask, scores, ops.full_like(scores, MASK_VALUE))
-        probs = ops.softmax(scores.astype(ms.float32), -1).astype(v.dtype)
-        return self.pv_matmul(probs, v)
-
-    # ---- decode --------------------------------------------------------------------
-    def decode_begin(self, key_cache, value_cache, positions):
-        """Per-step context: the per-layer caches and which slots are already written.
-
-        One Unstack per cache, never `cache[i]`: on CPU a dynamic-shape StridedSlice of
-        the cache per layer cost 2.5 ms each (30x an Unstack of all layers)."""
-        key_layers = ops.unstack(key_cache, 0)
-        value_layers = ops.unstack(value_cache, 0)
-        slots = iota_like(key_layers[0][0, 0, :, 0])  # [kv_len] int32
-        visible = ops.expand_dims(slots, 0) < ops.expand_dims(positions, 1)  # [b, kv_len]
-        visible = ops.expand_dims(ops.expand_dims(visible, 1), 1)  # [b, 1, 1, kv_len]
-        return key_layers, value_layers, visible, positions
-
-    def layer_cache(self, ctx, i: int):
-        return ctx[0][i], ctx[1][i]
-
-    def decode(self, q, k, v, k_cache, v_cache, ctx):
-        """q [b, 1, heads, hd], k/v [b, 1, kv_heads, hd]; caches [b, kv_heads, kv_len, hd]
+    # ---- decode: one token per row ----------------------------------------------------
+    def decode(self, q, k, v, k_past, v_past, ctx):
+        """q [b, 1, heads, hd], k/v [b, 1, kv_heads, hd]; windows [b, kv_heads, kv_len, hd]
         hold the positions before this token. Returns out [b, heads*hd] and the new K/V
-        [b, kv_heads, 1, hd] (written by `decode_end`, not here)."""
-        visible = ctx[2]
+        [b, kv_heads, 1, hd]."""
         q = ops.reshape(q, (-1, self.kv_heads, self.groups, self.head_dim))
         k_new = ops.reshape(k, (-1, self.kv_heads, 1, self.head_dim))
         v_new = ops.reshape(v, (-1, self.kv_heads, 1, self.head_dim))
-        old = self.qk_matmul(q, k_cache) * self.scale  # [b, kv_heads, groups, kv_len]
-        old = ops.select(visible, old, ops.full_like(old, MASK_VALUE))
-        new = self.reduce_sum(q * k_new, -1) * self.scale  # [.., groups, 1]
-        # softmax over [old, new] without concatenating (no dynamic slicing afterwards)
-        top = ops.maximum(self.reduce_max(old, -1), new)
-        e_old = ops.exp(old - top)
-        e_new = ops.exp(new - top)
-        denom = self.reduce_sum(e_old, -1) + e_new
-        out = (self.pv_matmul(e_old, v_cache) + e_new * v_new) / denom
+        new = self.reduce_sum(q * k_new, -1)  # [b, kv_heads, groups, 1]
+        out = self._attend(q, k_past, v_past, ctx[2], new * self.scale, v_new)
         return ops.reshape(out, (-1, self.heads * self.head_dim)), k_new, v_new
 
-    def decode_end(self, key_cache, value_cache, ctx, keys, values):
-        """Write every layer's new K/V at slot positions[b] with one scatter per cache."""
-        index = self._write_index(ctx[3])
-        key_cache = ops.tensor_scatter_update(key_cache, index, self._updates(keys))
-        value_cache = ops.tensor_scatter_update(value_cache, index, self._updates(values))
-        return key_cache, value_cache
-
-    def _write_index(self, positions):
-        """[(layer, b, head, positions[b]) for every layer, b, head] -> [L*b*heads, 4]."""
-        b = ops.reshape(iota_like(positions), (1, -1, 1))
-        pos = ops.reshape(positions, (1, -1, 1))
-        layer = ops.reshape(iota_like(ops.ones((self.layers,), ms.int32)), (-1, 1, 1))
-        head = ops.reshape(iota_like(ops.ones((self.kv_heads,), ms.int32)), (1, 1, -1))
-        zero = ops.zeros_like(layer + b + head)
-        index = ops.stack((layer + zero, b + zero, head + zero, pos + zero), -1)
-        return ops.reshape(index, (-1, 4))
-
-    def _updates(self, per_layer):
-        """Tuple of [b, kv_heads, 1, hd] per layer -> [L*b*kv_heads, hd] in index order."""
-        stacked = ops.stack(per_layer, 0)
-        return ops.reshape(stacked, (-1, self.head_dim))
+    def _attend(self, q, k_past, v_past, visible, new, v_new):
+        """softmax([q k_past^T (masked by `visible`), new]) @ [v_past; v_new], without
+        concatenating: q [b, kv_heads, rows, hd], new [b, kv_heads, rows, t] (scaled,
+        masked), v_new [b, kv_heads, t, hd]."""
+        old = self.qk_matmul(q, k_past) * self.scale  # [b, kv_heads, rows, kv_len]
+        old = ops.select(visible, old, ops.full_like(old, MASK_VALUE))
+        top = ops.maximum(self.reduce_max(old, -1), self.reduce_max(new, -1))
+        e_old = ops.exp(old - top)
+        e_new = ops.exp(new - top)
+        denom = self.reduce_sum(e_old, -1) + self.reduce_sum(e_new, -1)
+        return (self.pv_matmul(e_old, v_past) + self.pv_matmul(e_new, v_new)) / denom

@@ -1,5 +1,5 @@
 """Worker backend on MindSpore Lite (Ascend, GE provider): same interface as
-`backend_mindspore.MindSporeBackend` (prefill / decode / release), so the worker
+`backends/mindspore.MindSporeBackend` (configure / prefill / decode / copy_slot), so the worker
 protocol, coordinator and sampling do not change; choosing the backend is the only
 difference. Nothing here has run on an NPU: it is written against the documented
 `mindspore_lite` Python API and tested with a fake module (tests/fakes).
@@ -28,15 +28,15 @@ examples/base_models/qwen3_8b/infer_qwen3_8b_mslite_tp.py, infer_qwen3_8b_mslite
    starts its first AllReduce while another still builds). With the current worker
    protocol the coordinator sends no request before every rank reported "ready", which
    happens after this constructor returns, so a no-op barrier is already safe there.
-6. KV cache stays on the device: decode owns two K/V pairs of
-   `Tensor(shape, dtype, device="ascend:<d>")`; each step reads one pair and writes the
-   other through `predict(inputs, outputs)`, then they swap (the example's
-   `_DecodeZeroCopyIO`). Only ids/positions go in and the logits come out per step.
-7. Prefill returns a cache of the prompt length (graphs/signatures.py). It is padded to
-   the request's kv_len on the host once per request and written into the first pair
-   (the example's `_reconstruct_kv_tp` + `load_kv`): one device->host->device copy per
-   request, none per token. (A prefill graph writing into kv_len-sized cache inputs
-   would remove it; that is a signature change.)
+6. The KV cache is the worker's slot cache (runtime/slot_backend.py), held in host
+   memory in the cache dtype: each step uploads the window of the live slots with its
+   inputs and downloads the new K/V with the logits. The documented Python API has no
+   way to gather slots on the device outside a model, so a device-resident slot cache
+   needs graphs that own it (docs/DESIGN.md, "KV cache: slots"); until then this costs
+   one window transfer per step (docs/ASCEND.md says how much).
+7. The batch is padded up to the next gear of --batch-sizes (slot_backend), and every
+   prefill chunk length and window length is a bucket (the coordinator picks them from
+   the manifest's buckets).
 8. `resize` is called whenever a graph's input shapes change (the 1p example resizes
    per bucket; with GE the input tensors' shapes decide the gear anyway).
 
@@ -57,15 +57,14 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Callable, Optional, Protocol
 
 import numpy as np
 
 from dsflow.artifacts.lite import RANK_TABLE_NAME, check_rank_table, model_file
 from dsflow.artifacts.manifest import Manifest
 from dsflow.common.errors import DsflowError
-from dsflow.graphs.signatures import BATCH, KV_LEN, SEQ, GraphSignature
-from dsflow.runtime.kv_cache import extend_cache
+from dsflow.runtime.slot_backend import SlotBackend
 
 log = logging.getLogger("dsflow.lite")
 
@@ -75,9 +74,10 @@ RANK_TABLE_ENV = "RANK_TABLE_FILE"
 SETTLE_S = 8.0
 TURN_TIMEOUT_S = 3600.0
 DOWNLOADS = "https://www.mindspore.cn/lite/docs/en/master/use/downloads.html"
-PREFILL_IO = (("input_ids", "valid_length"), ("logits", "key_cache", "value_cache"))
-DECODE_IO = (("input_ids", "key_cache", "positions", "value_cache"),
-             ("logits", "key_cache", "value_cache"))
+PREFILL_IO = (("input_ids", "key_window", "start", "valid_length", "value_window"),
+              ("logits", "key", "value"))
+DECODE_IO = (("input_ids", "key_window", "positions", "value_window"),
+             ("logits", "key", "value"))
 LITE_DTYPE_NAMES = {"float32": "FLOAT32", "float16": "FLOAT16", "int32": "INT32",
                     "bfloat16": "BFLOAT16"}
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int32": np.int32}
@@ -130,21 +130,6 @@ def lite_dtype(mslite, name: str):
             "allocated on the device; build the Ascend artifacts with a float16 or float32 "
             "cache, or use a mindspore_lite whose DataType has BFLOAT16")
     return member
-
-
-def concrete(shape: Sequence, dims: dict) -> list[int]:
-    """A signature shape with its named axes replaced by this call's sizes."""
-    return [d if isinstance(d, int) else int(dims[d]) for d in shape]
-
-
-def pad_rows(a: np.ndarray, rows: int, fill: int) -> np.ndarray:
-    """`a` with its first axis padded to `rows` (batch gear), contiguous int32."""
-    a = np.ascontiguousarray(a, dtype=np.int32)
-    if a.shape[0] == rows:
-        return a
-    out = np.full((rows, *a.shape[1:]), fill, np.int32)
-    out[:a.shape[0]] = a
-    return out
 
 
 def release_numbers(version: str) -> Optional[tuple[int, int, int]]:
@@ -243,40 +228,7 @@ class FileTurns:
         self._marker(rank).touch()
 
 
-class DecodeBuffers:
-    """Device-resident decode I/O for one (batch, kv_len); the K/V pairs ping-pong."""
-
-    def __init__(self, mslite, device: str, sig: GraphSignature, batch: int, kv_len: int,
-                 kv_dtype):
-        dims = {BATCH: batch, KV_LEN: kv_len}
-        specs = {t.name: t for t in (*sig.inputs, *sig.outputs)}
-
-        def tensor(name: str, dtype):
-            return mslite.Tensor(shape=concrete(specs[name].shape, dims), dtype=dtype,
-                                 device=device)
-        i32 = mslite.DataType.INT32
-        self.shape = (batch, kv_len)
-        self.ids, self.pos = tensor("input_ids", i32), tensor("positions", i32)
-        self.logits = tensor("logits", mslite.DataType.FLOAT32)
-        self.k_in, self.v_in = tensor("key_cache", kv_dtype), tensor("value_cache", kv_dtype)
-        self.k_out, self.v_out = tensor("key_cache", kv_dtype), tensor("value_cache", kv_dtype)
-
-    def load(self, key: np.ndarray, value: np.ndarray) -> None:
-        """The one host->device copy of a request: the padded prefill cache."""
-        self.k_in.set_data_from_numpy(np.ascontiguousarray(key))
-        self.v_in.set_data_from_numpy(np.ascontiguousarray(value))
-
-    def step(self, model, ids: np.ndarray, pos: np.ndarray) -> list:
-        self.ids.set_data_from_numpy(ids)
-        self.pos.set_data_from_numpy(pos)
-        outs = model.predict([self.ids, self.k_in, self.pos, self.v_in],
-                             [self.logits, self.k_out, self.v_out])  # outputs: a list
-        self.k_in, self.k_out = self.k_out, self.k_in
-        self.v_in, self.v_out = self.v_out, self.v_in
-        return outs
-
-
-class LiteBackend:
+class LiteBackend(SlotBackend):
     """One rank's prefill + decode on an Ascend device through mindspore_lite."""
 
     def __init__(self, manifest: Manifest, rank: int, device_id: int,
@@ -295,17 +247,17 @@ class LiteBackend:
         lite = manifest.lite
         self.buckets = sorted(manifest.buckets or lite.get("buckets") or [])
         self.batch_sizes = sorted(lite.get("batch_sizes") or [1])
+        super().__init__(manifest, self.batch_sizes)
         if not self.buckets:
             raise LiteBackendError(f"{manifest.root}: no shape buckets recorded; Ascend "
                                    "artifacts are built with --buckets")
-        self.sigs = {k: manifest.signature(k) for k in ("prefill", "decode")}
         self._check_io()
-        self.kv_dtype = lite_dtype(ms, manifest.cache_dtype)
-        self._np_kv = NP_DTYPES.get(manifest.cache_dtype)
+        lite_dtype(ms, manifest.cache_dtype)  # refuses a cache dtype Lite cannot hold
+        self.cache_dtype = NP_DTYPES[manifest.cache_dtype]
         config_dict = self._config_dict(manifest, rank, int(device_id), rank_table)
-        self.prefill_model, self.decode_model = ms.Model(), ms.Model()
+        self.models = {"prefill": ms.Model(), "decode": ms.Model()}
         self.group = ms.ModelGroup(ms.ModelGroupFlag.SHARE_WEIGHT)
-        self.group.add_model([self.prefill_model, self.decode_model])
+        self.group.add_model([self.models["prefill"], self.models["decode"]])
         settle = float(os.environ.get(STAGGER_ENV, SETTLE_S))
         turns = turns or (FileTurns(Path.cwd(), settle_s=settle, poll_s=min(1.0, settle or 0.05))
                           if manifest.tp > 1 else None)
@@ -316,8 +268,6 @@ class LiteBackend:
             turns.done(rank)
         (barrier or (lambda: None))()
         self._shapes: dict[str, list] = {}
-        self._bufs: Optional[DecodeBuffers] = None
-        self._batch = 0  # real rows of the live request; 0: no cache
 
     # ---- setup ------------------------------------------------------------------
     def _check_io(self) -> None:
@@ -330,7 +280,7 @@ class LiteBackend:
 
     def _build(self, manifest: Manifest, ctx, config_dict: Optional[dict]) -> None:
         """Build both graphs (already in the SHARE_WEIGHT group) with their inis."""
-        for kind, model in (("prefill", self.prefill_model), ("decode", self.decode_model)):
+        for kind, model in self.models.items():
             entry = manifest.graph(self.rank, kind)
             if "config" not in entry:
                 raise LiteBackendError(f"{manifest.root}: rank {self.rank} {kind} has no Lite "
@@ -366,68 +316,30 @@ class LiteBackend:
             out["ascend_context"] = {"rank_table_file": str(path.resolve())}
         return out
 
-    # ---- shapes -----------------------------------------------------------------
-    def _batch_gear(self, rows: int) -> int:
-        for b in self.batch_sizes:
-            if b >= rows:
-                return b
-        raise LiteBackendError(f"batch of {rows} exceeds the largest batch gear "
-                               f"{self.batch_sizes[-1]} of these artifacts; send fewer prompts "
-                               "or rebuild with larger batch sizes")
-
+    # ---- running a graph ----------------------------------------------------------
     def _check_length(self, n: int, what: str) -> None:
         if n not in self.buckets:
             raise LiteBackendError(f"{what} length {n} is not a GE gear of these artifacts "
-                                   f"({self.buckets}); pad with runtime.kv_cache.plan_shapes "
-                                   "and the manifest's buckets")
+                                   f"({self.buckets}); the coordinator pads to the manifest's "
+                                   "buckets (runtime/scheduler.py SlotPlan)")
 
-    def _resize(self, model, kind: str, dims: dict) -> None:
-        shapes = [concrete(t.shape, dims) for t in self.sigs[kind].inputs]
+    def _run(self, kind: str, inputs: list[np.ndarray]) -> tuple[np.ndarray, ...]:
+        """One predict: resize when the gear changes, then host arrays in, arrays out."""
+        names = self.sigs[kind].input_names()
+        arrays = dict(zip(names, inputs))
+        if kind == "prefill":
+            self._check_length(arrays["input_ids"].shape[1], "prompt chunk")
+        self._check_length(arrays["key_window"].shape[3], "cache window")
+        model = self.models[kind]
+        shapes = [list(a.shape) for a in inputs]
         if self._shapes.get(kind) != shapes:
             model.resize(model.get_inputs(), shapes)
             self._shapes[kind] = shapes
-
-    def _buffers(self, batch: int, kv_len: int) -> DecodeBuffers:
-        if self._bufs is None or self._bufs.shape != (batch, kv_len):
-            self._bufs = None  # free the old pair before allocating the new one
-            self._bufs = DecodeBuffers(self._ms, self.device, self.sigs["decode"], batch,
-                                       kv_len, self.kv_dtype)
-        return self._bufs
-
-    def _host_cache(self, tensor, kv_len: int) -> np.ndarray:
-        padded = extend_cache(tensor.get_data_to_numpy(), kv_len)
-        return padded.astype(self._np_kv, copy=False) if self._np_kv else padded
-
-    # ---- protocol ---------------------------------------------------------------
-    def prefill(self, input_ids: np.ndarray, valid_length: np.ndarray, kv_len: int) -> np.ndarray:
-        rows, seq = input_ids.shape
-        batch = self._batch_gear(rows)
-        self._check_length(seq, "prompt")
-        self._check_length(kv_len, "cache")
-        ids, lengths = pad_rows(input_ids, batch, 0), pad_rows(valid_length, batch, 1)
-        self._resize(self.prefill_model, "prefill", {BATCH: batch, SEQ: seq})
         T = self._ms.Tensor
-        logits, key, value = self.prefill_model.predict([T(ids), T(lengths)])[:3]
-        bufs = self._buffers(batch, kv_len)
-        bufs.load(self._host_cache(key, kv_len), self._host_cache(value, kv_len))
-        self._batch = rows
-        return np.asarray(logits.get_data_to_numpy(), np.float32)[:rows]
-
-    def decode(self, input_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        if not self._batch or self._bufs is None:
-            raise RuntimeError("decode before prefill: no KV cache")
-        if input_ids.shape[0] != self._batch:
-            raise LiteBackendError(f"decode batch {input_ids.shape[0]} != prefill batch "
-                                   f"{self._batch}")
-        batch, kv_len = self._bufs.shape
-        self._resize(self.decode_model, "decode", {BATCH: batch, KV_LEN: kv_len})
-        outs = self._bufs.step(self.decode_model, pad_rows(input_ids, batch, 0),
-                               pad_rows(positions, batch, 0))
-        return np.asarray(outs[0].get_data_to_numpy(), np.float32)[:self._batch]
-
-    def release(self) -> None:
-        """End the request; the device buffers stay for the next request of that shape."""
-        self._batch = 0
+        outs = model.predict([T(np.ascontiguousarray(a)) for a in inputs])
+        logits, key, value = (o.get_data_to_numpy() for o in outs[:3])
+        return (np.asarray(logits, np.float32), key.astype(self.cache_dtype, copy=False),
+                value.astype(self.cache_dtype, copy=False))
 
     # ---- start-up ---------------------------------------------------------------
     def gears(self) -> list[tuple[int, int]]:
@@ -438,22 +350,29 @@ class LiteBackend:
         """Run every gear of both graphs once, so GE compiles them now, not in the
         first requests that need them; returns the seconds spent.
 
-        Each gear is one prefill (batch, seq = length) plus one decode step (batch,
-        kv_len = length) through the normal request path. Not staggered by rank: a
-        tp > 1 predict contains AllReduce and returns only once every rank ran it, so
-        rank r waiting for rank r-1's gear would wait forever. Ranks therefore run the
-        gears in the same order, in step through the collective; the compile-cache race
-        that staggering avoided in the builds is avoided here by per-rank compile
-        caches (`rank_cache_dir`) and CANN work directories."""
+        Each gear is one prefill (batch, chunk = the smallest bucket, window = length)
+        plus one decode step (batch, window = length) on zero inputs, straight through
+        `_run` (the slot cache is not configured yet). Not staggered by rank: a tp > 1
+        predict contains AllReduce and returns only once every rank ran it, so rank r
+        waiting for rank r-1's gear would wait forever. Ranks therefore run the gears
+        in the same order, in step through the collective; the compile-cache race that
+        staggering avoided in the builds is avoided here by per-rank compile caches
+        (`rank_cache_dir`) and CANN work directories."""
         start = time.perf_counter()
         todo = self.gears()
+        layers, kv_heads, head_dim = self.shape
         for i, (batch, length) in enumerate(todo, 1):
             t0 = time.perf_counter()
-            ids = np.zeros((batch, length), np.int32)
-            self.prefill(ids, np.ones(batch, np.int32), length)
+            window = np.zeros((layers, batch, kv_heads, length, head_dim), self.cache_dtype)
+            rows = np.zeros(batch, np.int32)
+            self._run("prefill", self._inputs("prefill", {
+                "input_ids": np.zeros((batch, self.buckets[0]), np.int32),
+                "start": rows, "valid_length": rows + 1,
+                "key_window": window, "value_window": window}))
             t1 = time.perf_counter()
-            self.decode(np.zeros(batch, np.int32), np.zeros(batch, np.int32))
-            self.release()
+            self._run("decode", self._inputs("decode", {
+                "input_ids": rows, "positions": rows, "key_window": window,
+                "value_window": window}))
             report(f"rank {self.rank}: warm-up {i}/{len(todo)} (batch {batch}, length "
                    f"{length}): prefill {t1 - t0:.1f} s, decode {time.perf_counter() - t1:.1f} s")
         return time.perf_counter() - start

@@ -1,14 +1,14 @@
 """Worker backend on MindSpore itself: runs the exported MindIR through `nn.GraphCell`.
 
-The KV cache lives in this process as MindSpore tensors: the decode graph's output
-cache is passed straight back as the next step's input, never converted to numpy.
+The slot cache is numpy in this process (runtime/slot_backend.py); each step hands
+the graph a window of it and writes back the K/V the graph returns.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from dsflow.artifacts.manifest import Manifest
-from dsflow.runtime.kv_cache import extend_cache
+from dsflow.runtime.slot_backend import SlotBackend
 
 
 THREADS_ENV = "DSFLOW_THREADS"
@@ -53,31 +53,17 @@ def share_weights(a, b) -> None:
         p.set_data(q)
 
 
-class MindSporeBackend:
+class MindSporeBackend(SlotBackend):
     def __init__(self, manifest: Manifest, rank: int):
+        super().__init__(manifest)
         import mindspore as ms
         from mindspore import nn
         self._ms = ms
-        self.prefill_graph = nn.GraphCell(ms.load(str(manifest.graph_path(rank, "prefill"))))
-        self.decode_graph = nn.GraphCell(ms.load(str(manifest.graph_path(rank, "decode"))))
-        share_weights(self.prefill_graph, self.decode_graph)
-        self.key_cache = None
-        self.value_cache = None
+        self.graphs = {kind: nn.GraphCell(ms.load(str(manifest.graph_path(rank, kind))))
+                       for kind in ("prefill", "decode")}
+        share_weights(self.graphs["prefill"], self.graphs["decode"])
 
-    def prefill(self, input_ids: np.ndarray, valid_length: np.ndarray, kv_len: int) -> np.ndarray:
-        T = self._ms.Tensor
-        logits, k, v = self.prefill_graph(T(input_ids), T(valid_length))
-        self.key_cache = T(extend_cache(k.asnumpy(), kv_len))
-        self.value_cache = T(extend_cache(v.asnumpy(), kv_len))
-        return logits.asnumpy()
-
-    def decode(self, input_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        if self.key_cache is None:
-            raise RuntimeError("decode before prefill: no KV cache")
-        T = self._ms.Tensor
-        logits, self.key_cache, self.value_cache = self.decode_graph(
-            T(input_ids), self.key_cache, T(positions), self.value_cache)
-        return logits.asnumpy()
-
-    def release(self) -> None:
-        self.key_cache = self.value_cache = None
+    def _run(self, kind: str, inputs: list[np.ndarray]) -> tuple[np.ndarray, ...]:
+        # from_numpy shares the array's memory: the window is not copied again
+        outs = self.graphs[kind](*[self._ms.Tensor.from_numpy(a) for a in inputs])
+        return tuple(o.asnumpy() for o in outs)

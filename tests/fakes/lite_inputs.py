@@ -23,9 +23,8 @@ def from_manifest(model_path: str) -> list:
 
 
 def zero_outputs(model_path: str, arrays: list) -> list:
-    """KERNEL for the fake: outputs of the graph's recorded shapes, all zeros (logits)
-    or the input cache (decode): a runtime that computes nothing, for checking that
-    whoever compares results notices."""
+    """KERNEL for the fake: outputs of the graph's recorded shapes, all zeros: a runtime
+    that computes nothing, for checking that whoever compares results notices."""
     import numpy as np
     path = Path(model_path).resolve()
     root = next(p for p in path.parents if (p / "manifest.json").is_file())
@@ -34,7 +33,6 @@ def zero_outputs(model_path: str, arrays: list) -> list:
     batch = arrays[0].shape[0]
     vocab = next(g for g in data["graphs"] if g["kind"] == "decode")["outputs"][0]["shape"][1]
     logits = np.zeros((batch, vocab), np.float32)
-    if path.name.startswith("decode"):
-        return [logits, arrays[1], arrays[3]]
-    shape = (kv["layers"], batch, kv["kv_heads_per_rank"], arrays[0].shape[1], kv["head_dim"])
+    new = 1 if path.name.startswith("decode") else arrays[0].shape[1]  # tokens per row
+    shape = (kv["layers"], batch, kv["kv_heads_per_rank"], new, kv["head_dim"])
     return [logits, np.zeros(shape, np.float16), np.zeros(shape, np.float16)]

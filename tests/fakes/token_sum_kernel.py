@@ -1,11 +1,13 @@
 """A deterministic stand-in for the Ascend graphs, run by the fake mindspore_lite inside
 real worker processes (tests/test_lite_cluster.py).
 
-It keeps the graphs' signatures and makes every step depend on the whole KV cache, so
-a cache lost between prefill and decode, a missed ping-pong swap, a wrong position or a
-wrong vocabulary slice changes the tokens: slot t of the key cache holds the token at
-position t, the value cache twice that, and the next token is
-    (sum of all tokens so far) % 50 + 5.
+It keeps the graphs' signatures and makes every step depend on the whole cached
+sequence, so a K/V written into the wrong slot or position, a window that misses a
+position, or a wrong vocabulary slice changes the tokens: position t of a slot's keys
+holds the token at position t, its values twice that, and the next token is
+    (sum of all tokens so far) % 50 + 5,
+reading the window only below each row's start / position (as the real graphs do:
+anything beyond is stale or padding).
 """
 from __future__ import annotations
 
@@ -30,24 +32,24 @@ def _logits(next_ids, path: str, width: int) -> np.ndarray:
     return full[:, rank * width:(rank + 1) * width]
 
 
+def _cached(keys: np.ndarray, values: np.ndarray, b: int, length: int) -> int:
+    if not np.array_equal(values[:, b, :, :length], keys[:, b, :, :length] * 2):
+        raise RuntimeError("value window does not match the key window")
+    return int(keys[0, b, 0, :length, 0].astype(np.int64).sum())
+
+
 def kernel(model_path: str, arrays: list) -> list:
     tp = int(os.environ["DSFLOW_FAKE_TP"])
     width = VOCAB_PADDED // tp
     if "prefill" in model_path:
-        ids, lengths = arrays
-        keys = np.zeros((LAYERS, ids.shape[0], KV_HEADS // tp, ids.shape[1], HEAD_DIM),
-                        np.float16)
-        keys[:] = ids[None, :, None, :, None]
-        nxt = [next_token(ids[b, :lengths[b]].sum()) for b in range(ids.shape[0])]
-        return [_logits(nxt, model_path, width), keys, keys * 2]
-    ids, keys, pos, values = arrays
-    if not np.array_equal(values, keys * 2):
-        raise RuntimeError("value cache does not match the key cache")
-    keys, values = keys.copy(), values.copy()
-    for i in range(len(ids)):
-        keys[:, i, :, pos[i]] = ids[i]
-        values[:, i, :, pos[i]] = 2 * ids[i]
-    slots = np.arange(keys.shape[3])
-    nxt = [next_token(keys[0, i, 0, slots <= pos[i], 0].astype(np.int64).sum())
-           for i in range(len(ids))]
-    return [_logits(nxt, model_path, width), keys, values]
+        ids, keys, start, lengths, values = arrays
+        nxt = [next_token(_cached(keys, values, b, start[b]) + ids[b, :lengths[b]].sum())
+               for b in range(ids.shape[0])]
+    else:
+        ids, keys, pos, values = arrays
+        nxt = [next_token(_cached(keys, values, b, pos[b]) + ids[b])
+               for b in range(ids.shape[0])]
+        ids = ids[:, None]
+    new = np.zeros((LAYERS, ids.shape[0], KV_HEADS // tp, ids.shape[1], HEAD_DIM), np.float16)
+    new[:] = ids[None, :, None, :, None]
+    return [_logits(nxt, model_path, width), new, new * 2]
