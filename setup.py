@@ -19,4 +19,7 @@ def packages() -> list[str]:
     return found
 
 
-setup(packages=packages(), package_dir={f"dsflow.{top}": top for top in TOP_LEVEL})
+setup(packages=packages(), package_dir={f"dsflow.{top}": top for top in TOP_LEVEL},
+      # the embedded default model (export/pipeline/default_model.py), installed with
+      # the code so a plain `pip install .` carries it
+      package_data={"dsflow.export.pipeline": ["default_model_files/*"]})

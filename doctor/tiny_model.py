@@ -11,9 +11,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dsflow.export.pipeline.default_model import random_weights
+import numpy as np
+
+from dsflow.common.dtypes import f32_to_bf16
 from dsflow.export.checkpoint.safetensors import write_safetensors
 from dsflow.graphs.config import ModelConfig
+from dsflow.graphs.tp_plan import weight_specs
 
 BYTES = 256
 BOS, EOS = "<bos>", "<eos>"
@@ -37,6 +40,17 @@ def _tokenizer(out: Path) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps({
         "add_bos_token": True, "bos_token": BOS, "eos_token": EOS,
         "model_max_length": CONFIG.max_position_embeddings}) + "\n", encoding="utf-8")
+
+
+def random_weights(cfg: ModelConfig, seed: int, std: float):
+    """(name, bf16 bits, "bfloat16") for every tensor of the plan, seeded; norms are ones."""
+    rng = np.random.default_rng(seed)
+    for spec in weight_specs(cfg):
+        if len(spec.shape) == 1:
+            values = np.ones(spec.shape, np.float32)
+        else:
+            values = rng.normal(0.0, std, spec.shape).astype(np.float32)
+        yield spec.name, f32_to_bf16(values), "bfloat16"
 
 
 def write_tiny_checkpoint(out: Path, seed: int = 0) -> Path:

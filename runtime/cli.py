@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -13,6 +12,7 @@ import click
 from dsflow.common.cli import (CONTEXT_SETTINGS, read_stdin_text, run_command, setup_logging,
                                version_option)
 from dsflow.common.errors import DsflowError, OptionError
+from dsflow.runtime.cli_options import apply_version_override, engine_options
 from dsflow.runtime.sampling import SamplingParams
 
 
@@ -48,8 +48,7 @@ class _OrderedPrinter:
 
 @click.command(context_settings=CONTEXT_SETTINGS)
 @version_option("dsrun")
-@click.option("--artifacts", type=click.Path(path_type=Path), default="dsflow-artifacts",
-              show_default=True, help="Directory written by `dsexport build`.")
+@engine_options
 @click.option("--prompt", "prompts", multiple=True,
               help="Prompt text; repeat for a batch (prompts may differ in length). "
                    "Without --prompt, the prompt is read from standard input.")
@@ -76,28 +75,17 @@ class _OrderedPrinter:
 @click.option("--suffix", default=None,
               help="Fill in the middle: the prompt is the code before the hole, this the "
                    "code after it (DeepSeek-Coder's FIM format).")
-@click.option("--max-batch", type=int, default=None,
-              help="Sequences the KV cache holds at once (default 8, or what --cache-mb holds).")
-@click.option("--max-seq-len", type=int, default=None,
-              help="Tokens (prompt + new) per sequence; default: the artifacts' maximum.")
-@click.option("--cache-mb", type=float, default=None,
-              help="KV cache budget per rank in MiB; sets how many sequences fit.")
-@click.option("--prefill-chunk", type=int, default=None,
-              help="Prompt tokens prefilled per step (default 256); long prompts take "
-                   "several steps, interleaved with decoding.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object per prompt (token ids, text, finish_reason, timings) "
                    "instead of streaming text.")
-@click.option("--verify", is_flag=True,
-              help="Check the sha256 of every artifact against the manifest before loading.")
-@click.option("--device", type=click.Choice(["cpu", "ascend"]), default=None,
-              help="Where the ranks run. Default: the target the artifacts were built for.")
-@click.option("--devices", default=None,
-              help="Ascend card of each rank, comma-separated (e.g. 0,1,2,3). Default 0..tp-1.")
-@click.option("--allow-version-mismatch", is_flag=True,
-              help="ascend: run although the installed mindspore_lite's release differs "
-                   "from the MindSpore that exported the graphs (refused by default: GE's "
-                   "operator adapters change between releases).")
+@click.option("--score", "score_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None,
+              help="Instead of generating, print the log-likelihood of this UTF-8 text file "
+                   "under the artifacts and its bits per byte (teacher forcing through the "
+                   "exported graphs).")
+@click.option("--score-window", type=int, default=None,
+              help="With --score: tokens of context per chunk (chunks do not overlap; each "
+                   "starts after <bos>). Default 256, the embedded default's training context.")
 @click.option("-q", "--quiet", is_flag=True, help="No timing summary on standard error.")
 @click.option("-v", "--verbose", is_flag=True,
               help="Show MindSpore's log lines, the workers' output, and the traceback of "
@@ -108,7 +96,8 @@ def main(artifacts: Path, prompts: tuple[str, ...], max_new_tokens: int, tempera
          stop_token_ids: tuple[int, ...], n: int, chat: bool, suffix: Optional[str],
          max_batch: Optional[int], max_seq_len: Optional[int], cache_mb: Optional[float],
          prefill_chunk: Optional[int], as_json: bool, verify: bool, device: Optional[str],
-         devices: Optional[str], allow_version_mismatch: bool, quiet: bool,
+         devices: Optional[str], allow_version_mismatch: bool, score_file: Optional[Path],
+         score_window: Optional[int], quiet: bool,
          verbose: bool) -> None:
     """Generate text from a DeepSeek-Coder model exported by `dsexport build`.
 
@@ -118,8 +107,12 @@ def main(artifacts: Path, prompts: tuple[str, ...], max_new_tokens: int, tempera
       dsrun --chat --prompt "Write a Python function that reverses a list"
       dsrun --prompt "def add(a, b):" --prompt "// C: binary search" --json
       dsrun --prompt "def fib(n):" --suffix "    return a" --max-new-tokens 32
+      dsrun --score some_module.py
     """
     setup_logging(verbose)
+    if score_file is not None:
+        _score(score_file, score_window, artifacts, as_json, verify, device, devices, verbose)
+        return
     if not prompts:
         if sys.stdin.isatty():
             raise DsflowError("no prompt: pass --prompt TEXT (repeatable) or pipe text on "
@@ -134,9 +127,7 @@ def main(artifacts: Path, prompts: tuple[str, ...], max_new_tokens: int, tempera
         raise OptionError("--suffix (fill in the middle) and --chat cannot be combined")
     from dsflow.common.options import int_list
     from dsflow.runtime.engine import Engine
-    if allow_version_mismatch:  # read by each rank's Lite backend (runtime/backends/lite.py)
-        from dsflow.runtime.backends.lite import VERSION_OVERRIDE_ENV
-        os.environ[VERSION_OVERRIDE_ENV] = "1"
+    apply_version_override(allow_version_mismatch)
     try:
         params.check()
     except DsflowError as e:
@@ -175,3 +166,25 @@ def _run(engine, prompts: list[str], params: SamplingParams, chat: bool, as_json
         if event.finished is not None:
             results.append(event.finished)
     return sorted(results, key=lambda c: c.index)
+
+
+def _score(path: Path, window: Optional[int], artifacts: Path, as_json: bool, verify: bool,
+           device: Optional[str], devices: Optional[str], verbose: bool) -> None:
+    """dsrun --score: one line of figures (or a JSON object) for the file."""
+    from dsflow.common.options import int_list
+    from dsflow.runtime.engine import Engine
+    from dsflow.runtime.scoring import DEFAULT_WINDOW, score_text
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise OptionError(f"--score {path}: not UTF-8 text ({e.reason} at byte {e.start})"
+                          ) from None
+    with Engine(artifacts, verbose=verbose, verify=verify, device=device,
+                device_ids=int_list(devices, "--devices")) as engine:
+        result = score_text(engine, text, window or DEFAULT_WINDOW)
+    if as_json:
+        click.echo(json.dumps({"file": str(path), **result.to_dict()}))
+    else:
+        click.echo(f"{path}: {result.bytes} bytes, {result.tokens} tokens, log-likelihood "
+                   f"{-result.nats:.1f} nats ({result.nats_per_token:.4f} nats/token), "
+                   f"{result.bits_per_byte:.4f} bits/byte")

@@ -155,6 +155,10 @@ class Cluster:
                 return
 
     # ---- requests ----------------------------------------------------------------
+    def check_alive(self) -> None:
+        """Raise WorkerError naming a child process that has exited; never blocks."""
+        self._check_alive()
+
     def _check_alive(self) -> None:
         for name, p in self.procs.items():
             rc = p.poll()

@@ -143,11 +143,21 @@ class Engine:
 
     def health(self) -> dict:
         with self._cond:
+            if self._state == "ready":
+                self._notice_dead_worker()
             s = self.scheduler
             return {"state": self._state, "detail": self._detail,
                     "running": s.running_count() if s else 0,
                     "waiting": s.waiting_count() if s else 0,
                     "slots": self.plan.slots}
+
+    def _notice_dead_worker(self) -> None:
+        """A rank that died while nothing ran shows in health() at once, not only when
+        the next request reaches it (servers poll health(), e.g. dsserve's /health)."""
+        try:
+            self.cluster.check_alive()
+        except WorkerError as e:
+            self._state, self._detail = "failed", str(e)
 
     def restart(self) -> None:
         """Tear the worker cluster down and start it again (after a failure)."""

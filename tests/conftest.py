@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random-weight DeepSeek-Coder-shaped checkpoints, their exports
-and one running cluster per tensor-parallel degree, shared by the whole session.
+and one running cluster per tensor-parallel degree, shared by the whole session; the
+same for the shipped (trained) default model, whose exports tests of numerics share.
 
 Real files from ../shared/models (the DeepSeek-Coder tokenizer and configs) are read
 in place, never copied into the repository; set DSFLOW_SHARED to point elsewhere.
@@ -58,6 +59,19 @@ def make_hf_checkpoint(path: Path, seed: int = 0, safe: bool = True, dtype=None,
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(TOKENIZER_DIR / f, path / f)
     return model
+
+
+def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    """transformers' generate, greedy, never choosing the padding rows (as dsflow)."""
+    import torch
+
+    def no_padding_rows(_input_ids, scores):
+        scores[:, REAL_VOCAB:] = -float("inf")
+        return scores
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                         logits_processor=[no_padding_rows], eos_token_id=None,
+                         pad_token_id=0)
+    return out[0, len(ids):].tolist()
 
 
 @pytest.fixture(scope="session")
@@ -119,3 +133,28 @@ def small_engine_for(export_tiny, engine_for):
             _ENGINES[key] = Engine(export_tiny(tp), **SMALL)
         return _ENGINES[key]
     return get
+
+
+_DEFAULT_ARTIFACTS: dict[int, Path] = {}
+_DEFAULT_ENGINES: dict[int, object] = {}
+
+
+@pytest.fixture(scope="session")
+def default_engine(tmp_path_factory):
+    """tp -> a running Engine on the shipped default model (fp32 export, built once per
+    tp per session)."""
+    from dsflow.export.pipeline.build import BuildOptions, build
+    from dsflow.export.pipeline.default_model import default_model_dir
+    from dsflow.runtime.engine import Engine
+
+    def get(tp: int):
+        if tp not in _DEFAULT_ENGINES:
+            out = tmp_path_factory.mktemp(f"default-tp{tp}") / "artifacts"
+            _DEFAULT_ARTIFACTS[tp] = build(BuildOptions(model_dir=default_model_dir(), out=out,
+                                                        tp=tp, max_seq_len=512))
+            _DEFAULT_ENGINES[tp] = Engine(_DEFAULT_ARTIFACTS[tp])
+        return _DEFAULT_ENGINES[tp]
+    yield get
+    for engine in _DEFAULT_ENGINES.values():
+        engine.close()
+    _DEFAULT_ENGINES.clear()

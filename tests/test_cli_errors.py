@@ -21,7 +21,7 @@ from dsflow.artifacts.manifest import FORMAT_VERSION
 from dsflow.export.cli.main import main as dsexport
 
 COMMANDS = {"dsexport": "dsflow.export.cli.main", "dsrun": "dsflow.runtime.cli",
-            "dsserve": "dsflow.runtime.serve_cli"}
+            "dsserve": "dsflow.runtime.server.cli"}
 
 
 def run_cmd(name: str, *args, stdin: bytes = b"", timeout: float = 120,

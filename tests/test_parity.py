@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REAL_VOCAB, TOKENIZER_DIR
+from conftest import TOKENIZER_DIR, hf_greedy
 from dsflow.runtime.sampling import SamplingParams
 
 PROMPTS = [
@@ -28,17 +28,6 @@ def prompt_ids():
     ids = [tok.encode(p) for p in PROMPTS]
     assert len({len(i) for i in ids}) == len(ids), "prompts must differ in length"
     return ids
-
-
-def hf_greedy(model, ids: list[int], n: int) -> list[int]:
-    """transformers' generate, greedy, never choosing the padding rows (as dsflow)."""
-    def no_padding_rows(_input_ids, scores):
-        scores[:, REAL_VOCAB:] = -float("inf")
-        return scores
-    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
-                         logits_processor=[no_padding_rows], eos_token_id=None,
-                         pad_token_id=0)
-    return out[0, len(ids):].tolist()
 
 
 @pytest.fixture(scope="module")

@@ -88,6 +88,8 @@ def test_wheel_holds_every_module(tmp_path):
     expected = {"dsflow/" + p.relative_to(REPO).as_posix()
                 for pkg in LAYERS for p in (REPO / pkg).rglob("*.py")}
     assert expected <= names, sorted(expected - names)[:5]
+    from dsflow.export.pipeline.default_model import FILES  # the embedded model is package data
+    assert {f"dsflow/export/pipeline/default_model_files/{f}" for f in FILES} <= names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     for command in ("dsexport", "dsrun", "dsserve"):

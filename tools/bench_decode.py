@@ -32,7 +32,7 @@ from pathlib import Path
 def make_checkpoint(path: Path, args) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-    from dsflow.export.pipeline.default_model import ensure_default_model
+    from dsflow.export.pipeline.default_model import default_model_dir
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=32256, hidden_size=args.hidden, intermediate_size=args.ffn,
                       num_hidden_layers=args.layers, num_attention_heads=args.heads,
@@ -42,7 +42,7 @@ def make_checkpoint(path: Path, args) -> None:
                       bos_token_id=32013, eos_token_id=32021)
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(path, safe_serialization=True)
-    tok = ensure_default_model()
+    tok = default_model_dir()
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (path / f).write_bytes((tok / f).read_bytes())
     n = sum(p.numel() for p in model.parameters())

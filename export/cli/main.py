@@ -61,8 +61,9 @@ def main() -> None:
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
               help="A HuggingFace directory (config.json, *.safetensors or pytorch_model*.bin, "
                    "tokenizer files), a MindFormers .ckpt (file or directory), or a "
-                   "`dsexport shard` output. Default: a small random-weight model of the "
-                   "DeepSeek-Coder architecture that dsflow generates itself.")
+                   "`dsexport shard` output. Default: the embedded default model, a small "
+                   "DeepSeek-Coder-architecture model trained on Python's standard library "
+                   "that ships with dsflow (docs/DEFAULT_MODEL.md).")
 @click.option("--tp", type=int, default=1, show_default=True,
               help="Tensor-parallel degree: ranks (worker processes / cards). Must divide "
                    "the attention heads, KV heads and MLP size (33B: 1, 2, 4 or 8).")
@@ -118,10 +119,9 @@ def build(model_dir: Optional[Path], tp: int, out: Path, target: str, dtype: Opt
                    config=config_path, buckets=int_list(buckets, "--buckets"),
                    batch_sizes=tuple(int_list(batch_sizes, "--batch-sizes") or (1,)),
                    device_ids=int_list(devices, "--devices"))
-    if model_dir is None:  # options are checked first: this may take a while
-        from dsflow.export.pipeline.default_model import ensure_default_model
-        model_dir = ensure_default_model(log=None if quiet else
-                                         lambda m: click.echo(m, err=True))
+    if model_dir is None:
+        from dsflow.export.pipeline.default_model import default_model_dir
+        model_dir = default_model_dir()
     result = run_build(BuildOptions(model_dir=model_dir, out=out, **options),
                        progress=_BuildProgress(tp, quiet),
                        notice=lambda m: click.echo(m, err=True))
