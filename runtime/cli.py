@@ -12,7 +12,7 @@ import click
 from dsflow.common.cli import (CONTEXT_SETTINGS, read_stdin_text, run_command, setup_logging,
                                version_option)
 from dsflow.common.errors import DsflowError, OptionError
-from dsflow.runtime.cli_options import apply_version_override, engine_options
+from dsflow.runtime.cli_options import engine_options, open_engine
 from dsflow.runtime.sampling import SamplingParams
 
 
@@ -110,8 +110,12 @@ def main(artifacts: Path, prompts: tuple[str, ...], max_new_tokens: int, tempera
       dsrun --score some_module.py
     """
     setup_logging(verbose)
+    engine_args = dict(artifacts=artifacts, verify=verify, device=device, devices=devices,
+                       allow_version_mismatch=allow_version_mismatch, max_batch=max_batch,
+                       max_seq_len=max_seq_len, cache_mb=cache_mb, prefill_chunk=prefill_chunk,
+                       verbose=verbose)
     if score_file is not None:
-        _score(score_file, score_window, artifacts, as_json, verify, device, devices, verbose)
+        _score(score_file, score_window, as_json, engine_args)
         return
     if not prompts:
         if sys.stdin.isatty():
@@ -125,16 +129,11 @@ def main(artifacts: Path, prompts: tuple[str, ...], max_new_tokens: int, tempera
     params = SamplingParams(**given)
     if suffix is not None and chat:
         raise OptionError("--suffix (fill in the middle) and --chat cannot be combined")
-    from dsflow.common.options import int_list
-    from dsflow.runtime.engine import Engine
-    apply_version_override(allow_version_mismatch)
     try:
         params.check()
     except DsflowError as e:
         raise OptionError(str(e)) from None
-    engine = Engine(artifacts, verbose=verbose, verify=verify, device=device,
-                    device_ids=int_list(devices, "--devices"), max_batch=max_batch,
-                    max_seq_len=max_seq_len, cache_mb=cache_mb, prefill_chunk=prefill_chunk)
+    engine = open_engine(**engine_args)
     try:
         params = dataclasses.replace(engine.default_params, **given)
         params.check()
@@ -168,19 +167,15 @@ def _run(engine, prompts: list[str], params: SamplingParams, chat: bool, as_json
     return sorted(results, key=lambda c: c.index)
 
 
-def _score(path: Path, window: Optional[int], artifacts: Path, as_json: bool, verify: bool,
-           device: Optional[str], devices: Optional[str], verbose: bool) -> None:
+def _score(path: Path, window: Optional[int], as_json: bool, engine_args: dict) -> None:
     """dsrun --score: one line of figures (or a JSON object) for the file."""
-    from dsflow.common.options import int_list
-    from dsflow.runtime.engine import Engine
     from dsflow.runtime.scoring import DEFAULT_WINDOW, score_text
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise OptionError(f"--score {path}: not UTF-8 text ({e.reason} at byte {e.start})"
                           ) from None
-    with Engine(artifacts, verbose=verbose, verify=verify, device=device,
-                device_ids=int_list(devices, "--devices")) as engine:
+    with open_engine(**engine_args) as engine:
         result = score_text(engine, text, window or DEFAULT_WINDOW)
     if as_json:
         click.echo(json.dumps({"file": str(path), **result.to_dict()}))

@@ -50,3 +50,16 @@ def apply_version_override(allow_version_mismatch: bool) -> None:
     if allow_version_mismatch:
         from dsflow.runtime.backends.lite import VERSION_OVERRIDE_ENV
         os.environ[VERSION_OVERRIDE_ENV] = "1"
+
+
+def open_engine(*, artifacts: Path, verify: bool, device, devices, allow_version_mismatch: bool,
+                max_batch, max_seq_len, cache_mb, prefill_chunk, verbose: bool, **extra):
+    """The Engine the shared options describe (`extra`: further Engine arguments), so
+    that every mode of a command honours all of them."""
+    from dsflow.common.options import int_list
+    from dsflow.runtime.engine import Engine
+    apply_version_override(allow_version_mismatch)
+    return Engine(artifacts, verbose=verbose, verify=verify, device=device,
+                  device_ids=int_list(devices, "--devices"), max_batch=max_batch,
+                  max_seq_len=max_seq_len, cache_mb=cache_mb, prefill_chunk=prefill_chunk,
+                  **extra)
