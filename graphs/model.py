@@ -20,6 +20,7 @@ from mindspore import Tensor, nn, ops
 
 from dsflow.graphs.config import ModelConfig
 from dsflow.graphs.kernels import kernel_set
+from dsflow.graphs.signatures import RESIDENT, WINDOW
 from dsflow.graphs.layers import Embedding, Linear, RankAllReduce, RMSNorm, iota_like
 from dsflow.graphs.tp_plan import PlanMismatchError, rank_sizes, weight_specs
 
@@ -138,6 +139,7 @@ class RankModel(nn.Cell):
         super().__init__()
         kernels = kernel_set(target, dtype)
         self.cfg = cfg
+        self.tp = tp
         self.target = target
         self.dtype = DTYPES[dtype]
         self.model = LlamaModel(cfg, tp, self.dtype, kernels.rms_norm)
@@ -189,6 +191,50 @@ def last_token_rows(valid_length, seq):
     return iota_like(valid_length) * seq + valid_length - 1
 
 
+def prefill_forward(m, input_ids, key_window, start, valid_length, value_window):
+    """The prefill computation over a window (both cache modes): logits of each row's
+    last real token, and the chunk's K/V [layers, b, kv_heads, s, hd]."""
+    seq = ops.shape(input_ids)[1]
+    pos = iota_like(input_ids[0])
+    mask = m.attention.prefill_mask(pos)
+    positions = ops.expand_dims(start, 1) + ops.expand_dims(pos, 0)  # [b, s]
+    cos, sin = m.rotary.cos_sin(positions)  # [b, s, 1, hd]
+    ctx = m.attention.window_context(key_window, value_window, start)
+    x = m.model.embed_tokens(ops.reshape(input_ids, (-1,)))
+    keys = ()
+    values = ()
+    i = 0
+    for layer in m.model.layers:
+        k_past, v_past = m.attention.layer_cache(ctx, i)
+        x, k, v = layer.prefill(x, seq, m.rotary, cos, sin, m.attention, k_past, v_past,
+                                ctx, mask)
+        keys = keys + (k,)
+        values = values + (v,)
+        i = i + 1
+    logits = m.logits(ops.gather(x, last_token_rows(valid_length, seq), 0))
+    key, value = m.attention.window_end(keys, values)
+    return logits, key, value
+
+
+def decode_forward(m, input_ids, key_window, positions, value_window):
+    """The decode computation over a window (both cache modes): logits and the token's
+    K/V [layers, b, kv_heads, 1, hd]."""
+    ctx = m.attention.window_context(key_window, value_window, positions)
+    cos, sin = m.rotary.cos_sin(ops.expand_dims(positions, 1))  # [b, 1, 1, hd]
+    x = m.model.embed_tokens(input_ids)
+    keys = ()
+    values = ()
+    i = 0
+    for layer in m.model.layers:
+        k_past, v_past = m.attention.layer_cache(ctx, i)
+        x, k, v = layer.decode(x, m.rotary, cos, sin, m.attention, k_past, v_past, ctx)
+        keys = keys + (k,)
+        values = values + (v,)
+        i = i + 1
+    key, value = m.attention.window_end(keys, values)
+    return m.logits(x), key, value
+
+
 class PrefillGraph(nn.Cell):
     """(input_ids [b, s], key_window, start [b], valid_length [b], value_window) ->
     (logits of each row's last real token, the chunk's K, V); inputs in name order.
@@ -204,27 +250,8 @@ class PrefillGraph(nn.Cell):
         self.net = net
 
     def construct(self, input_ids, key_window, start, valid_length, value_window):
-        m = self.net
-        seq = ops.shape(input_ids)[1]
-        pos = iota_like(input_ids[0])
-        mask = m.attention.prefill_mask(pos)
-        positions = ops.expand_dims(start, 1) + ops.expand_dims(pos, 0)  # [b, s]
-        cos, sin = m.rotary.cos_sin(positions)  # [b, s, 1, hd]
-        ctx = m.attention.window_context(key_window, value_window, start)
-        x = m.model.embed_tokens(ops.reshape(input_ids, (-1,)))
-        keys = ()
-        values = ()
-        i = 0
-        for layer in m.model.layers:
-            k_past, v_past = m.attention.layer_cache(ctx, i)
-            x, k, v = layer.prefill(x, seq, m.rotary, cos, sin, m.attention, k_past, v_past,
-                                    ctx, mask)
-            keys = keys + (k,)
-            values = values + (v,)
-            i = i + 1
-        logits = m.logits(ops.gather(x, last_token_rows(valid_length, seq), 0))
-        key, value = m.attention.window_end(keys, values)
-        return logits, key, value
+        return prefill_forward(self.net, input_ids, key_window, start, valid_length,
+                               value_window)
 
 
 class DecodeGraph(nn.Cell):
@@ -241,21 +268,101 @@ class DecodeGraph(nn.Cell):
         self.net = net
 
     def construct(self, input_ids, key_window, positions, value_window):
-        m = self.net
-        ctx = m.attention.window_context(key_window, value_window, positions)
-        cos, sin = m.rotary.cos_sin(ops.expand_dims(positions, 1))  # [b, 1, 1, hd]
-        x = m.model.embed_tokens(input_ids)
-        keys = ()
-        values = ()
-        i = 0
-        for layer in m.model.layers:
-            k_past, v_past = m.attention.layer_cache(ctx, i)
-            x, k, v = layer.decode(x, m.rotary, cos, sin, m.attention, k_past, v_past, ctx)
-            keys = keys + (k,)
-            values = values + (v,)
-            i = i + 1
-        key, value = m.attention.window_end(keys, values)
-        return m.logits(x), key, value
+        return decode_forward(self.net, input_ids, key_window, positions, value_window)
 
 
-GRAPH_CLASSES = {"prefill": PrefillGraph, "decode": DecodeGraph}
+class SlotWriter(nn.Cell):
+    """The resident graphs' cache plumbing, in plain MindSpore ops shared by both kernel
+    sets (so the CPU run of the portable graphs checks what the Ascend graphs do).
+
+    `rows` gathers the batch's slots: [layers, slots, ...] -> [layers, b, ...], a window
+    whose kv_len is the capacity. `write` returns the whole cache with the new K/V
+    [layers, b, kv_heads, s, hd] scattered in: entry (b, j) goes to position
+    positions[b, j] of slot slot_ids[b] if valid[b, j], otherwise the value already at
+    (slot_ids[b], positions[b, j] mod capacity) is written back. So every index of the
+    one TensorScatterUpdate is distinct (the rows' slots are distinct, and a row's s
+    positions are distinct modulo the capacity when s <= capacity, which the runtime
+    guarantees), and its result does not depend on the order in which duplicates
+    would be applied, which TensorScatterUpdate leaves undefined. Padding rows
+    (valid all False, a slot no real row uses) and padding columns change nothing.
+    """
+
+    def __init__(self, layers: int, kv_heads: int):
+        super().__init__()
+        self.layer_ids = Tensor(np.arange(layers, dtype=np.int32).reshape(layers, 1, 1, 1))
+        self.head_ids = Tensor(np.arange(kv_heads, dtype=np.int32).reshape(1, 1, kv_heads, 1))
+
+    def rows(self, cache, slot_ids):
+        return ops.gather(cache, slot_ids, 1)
+
+    def indices(self, cache, slot_ids, positions, new):
+        """[layers, b, kv_heads, s, 4] int32: (layer, slot, head, position mod capacity)."""
+        capacity = ops.cast(ops.dyn_shape(cache)[3], ms.int32)
+        zero = ops.zeros_like(new[:, :, :, :, 0], dtype=ms.int32)  # [layers, b, heads, s]
+        slot = ops.reshape(slot_ids, (1, -1, 1, 1))
+        pos = ops.expand_dims(ops.expand_dims(ops.floor_mod(positions, capacity), 0), 2)
+        return ops.stack((self.layer_ids + zero, slot + zero, self.head_ids + zero,
+                          pos + zero), -1)
+
+    def write(self, cache, slot_ids, positions, valid, new):
+        """positions, valid [b, s]; new [layers, b, kv_heads, s, hd] -> updated cache."""
+        new = ops.cast(new, cache.dtype)
+        index = self.indices(cache, slot_ids, positions, new)
+        old = ops.gather_nd(cache, index)
+        keep = ops.expand_dims(ops.expand_dims(ops.expand_dims(valid, 0), 2), 4)
+        return ops.tensor_scatter_update(cache, index, ops.select(keep, new, old))
+
+
+def _slot_writer(net: RankModel) -> SlotWriter:
+    sizes = rank_sizes(net.cfg, net.tp)
+    return SlotWriter(sizes.layers, sizes.kv_heads)
+
+
+class ResidentPrefillGraph(nn.Cell):
+    """(input_ids [b, s], key_cache, slot_ids [b], start [b], valid_length [b],
+    value_cache) -> (logits, key_cache, value_cache): the window prefill over the
+    gathered slots, then the chunk's valid K/V written into the whole cache
+    (graphs/signatures.py, resident mode). Padding rows have valid_length 0."""
+
+    def __init__(self, net: RankModel):
+        super().__init__(auto_prefix=False)
+        self.net = net
+        self.slots = _slot_writer(net)
+
+    def construct(self, input_ids, key_cache, slot_ids, start, valid_length, value_cache):
+        w = self.slots
+        logits, key, value = prefill_forward(self.net, input_ids, w.rows(key_cache, slot_ids),
+                                             start, valid_length,
+                                             w.rows(value_cache, slot_ids))
+        pos = iota_like(input_ids[0])
+        positions = ops.expand_dims(start, 1) + ops.expand_dims(pos, 0)  # [b, s]
+        valid = ops.expand_dims(pos, 0) < ops.expand_dims(valid_length, 1)
+        return (logits, w.write(key_cache, slot_ids, positions, valid, key),
+                w.write(value_cache, slot_ids, positions, valid, value))
+
+
+class ResidentDecodeGraph(nn.Cell):
+    """(input_ids [b], key_cache, positions [b], slot_ids [b], value_cache) -> (logits,
+    key_cache, value_cache). A row with position -1 is padding: it attends as if at 0
+    (harmless: its logits are dropped, and no kernel sees a negative offset) and
+    writes nothing."""
+
+    def __init__(self, net: RankModel):
+        super().__init__(auto_prefix=False)
+        self.net = net
+        self.slots = _slot_writer(net)
+
+    def construct(self, input_ids, key_cache, positions, slot_ids, value_cache):
+        w = self.slots
+        at = ops.maximum(positions, ops.zeros_like(positions))
+        logits, key, value = decode_forward(self.net, input_ids, w.rows(key_cache, slot_ids),
+                                            at, w.rows(value_cache, slot_ids))
+        column = ops.expand_dims(positions, 1)  # [b, 1]
+        valid = column >= 0
+        return (logits, w.write(key_cache, slot_ids, column, valid, key),
+                w.write(value_cache, slot_ids, column, valid, value))
+
+
+GRAPH_CLASSES = {("prefill", WINDOW): PrefillGraph, ("decode", WINDOW): DecodeGraph,
+                 ("prefill", RESIDENT): ResidentPrefillGraph,
+                 ("decode", RESIDENT): ResidentDecodeGraph}

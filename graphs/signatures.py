@@ -5,8 +5,8 @@ their arguments against them and the docs print them. Dimensions are ints or the
 of dynamic axes.
 
 The KV cache lives in the workers, in slots (runtime/slot_cache.py): `max_batch`
-sequences of up to `capacity` positions each. The graphs never see the whole cache.
-Each call receives a *window* of it, the first `kv_len` positions of the slots taking
+sequences of up to `capacity` positions each. In the "window" cache mode the graphs
+never see the whole cache: each call receives a *window* of it, the first `kv_len` positions of the slots taking
 part ([layers, batch, kv_heads / tp, kv_len, head_dim], keys and values in two
 tensors), and returns only the K/V it computed, which the worker writes into the
 slots. `kv_len` is the live length rounded up, so a step costs what the sequences
@@ -23,6 +23,30 @@ masked, so the rounding is never seen.
   `positions[b]` positions and itself; returns logits and the token's K/V
   [layers, batch, kv_heads, 1, head_dim]. kv_len > every positions[b] (the Ascend
   kernels write the token into their copy of the window before attending).
+
+Cache modes. The above is the "window" mode, used on CPU: the cache stays in host
+numpy and a step copies only what its sequences hold. On a device that window would
+cross PCIe every step, so the Ascend graphs use the "resident" mode instead: they take
+the *whole* slot cache (key_cache / value_cache [layers, slots, kv_heads / tp,
+capacity, head_dim], which never leaves the card) plus `slot_ids [batch]`, gather the
+batch's slots in-graph (a window whose kv_len is the capacity: the masks already hide
+positions beyond each row's length), and return logits plus the whole updated cache,
+the new K/V scattered in at (slot_ids[b], position). The caller receives that into a
+second cache pair and swaps the two (ping-pong: runtime/backends/lite.py).
+- prefill: input_ids [batch, seq], key_cache, slot_ids, start, valid_length,
+  value_cache. Entry (b, j) is written at position start[b] + j of slot slot_ids[b]
+  when j < valid_length[b]; padding entries rewrite what is there (see
+  graphs/model.py `write_slots`), so padded rows (valid_length 0, a slot of their own)
+  change nothing.
+- decode: input_ids [batch], key_cache, positions, slot_ids, value_cache; a row with
+  position -1 is padding and writes nothing.
+The cache layout is the window layout with `slots` for `batch`, for two reasons: the
+gathered rows are exactly the window the attention kernels already take (no
+transpose of the cache), and (layer, slot, kv_head, position) are its four leading
+axes, so one TensorScatterUpdate per cache writes every layer's new K/V with
+head_dim-long rows as the update slices. `slots` and `capacity` are named axes:
+dynamic in an exported MindIR (a CPU resident build serves any --max-batch /
+--max-seq-len), fixed by the Lite config for GE (export/pipeline/lite_build.py).
 
 Positions, starts and lengths are int32 whatever the compute dtype.
 
@@ -44,9 +68,12 @@ from dsflow.graphs.tp_plan import rank_sizes
 Dim = Union[int, str]
 
 BATCH, SEQ, KV_LEN = "batch", "seq", "kv_len"
-CACHE_LAYOUT = ("layers", "slots", "kv_heads_per_rank", "capacity", "head_dim")
+SLOTS, CAPACITY = "slots", "capacity"
+CACHE_LAYOUT = ("layers", SLOTS, "kv_heads_per_rank", CAPACITY, "head_dim")
 WINDOW_LAYOUT = ("layers", BATCH, "kv_heads_per_rank", KV_LEN, "head_dim")
 GRAPH_KINDS = ("prefill", "decode")
+WINDOW, RESIDENT = "window", "resident"
+CACHE_MODES = (WINDOW, RESIDENT)
 
 
 @dataclass(frozen=True)
@@ -70,6 +97,7 @@ class GraphSignature:
     kind: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    cache_mode: str = WINDOW
 
     def to_dict(self) -> dict:
         return {"inputs": [t.to_dict() for t in self.inputs],
@@ -94,10 +122,53 @@ def cache_shape(cfg: ModelConfig, tp: int, kv_len: Dim = KV_LEN) -> tuple[Dim, .
     return (sizes.layers, BATCH, sizes.kv_heads, kv_len, sizes.head_dim)
 
 
-def graph_signature(kind: str, cfg: ModelConfig, tp: int, dtype: str) -> GraphSignature:
+def resident_cache_shape(cfg: ModelConfig, tp: int) -> tuple[Dim, ...]:
+    """The whole slot cache of one rank: [layers, slots, kv_heads / tp, capacity, head_dim]."""
+    sizes = rank_sizes(cfg, tp)
+    return (sizes.layers, SLOTS, sizes.kv_heads, CAPACITY, sizes.head_dim)
+
+
+def check_cache_mode(cache_mode: str) -> None:
+    if cache_mode not in CACHE_MODES:
+        raise ValueError(f"cache mode {cache_mode!r}: unknown (choose from "
+                         f"{', '.join(CACHE_MODES)})")
+
+
+def graph_signature(kind: str, cfg: ModelConfig, tp: int, dtype: str,
+                    cache_mode: str = WINDOW) -> GraphSignature:
     """The signature of one rank's graph. `dtype` is the KV-cache dtype
-    (graphs.kernels.cache_dtype(target, weight dtype)); logits are always fp32."""
-    logits = TensorSpec("logits", (BATCH, rank_sizes(cfg, tp).vocab), "float32")
+    (graphs.kernels.cache_dtype(target, weight dtype)); logits are always fp32.
+    `cache_mode` "window" or "resident" (module docstring)."""
+    check_cache_mode(cache_mode)
+    if kind not in GRAPH_KINDS:
+        raise ValueError(f"unknown graph kind {kind!r}; expected one of {GRAPH_KINDS}")
+    if cache_mode == RESIDENT:
+        sig = _resident_signature(kind, cfg, tp, dtype)
+    else:
+        sig = _window_signature(kind, cfg, tp, dtype)
+    check_input_order(sig)
+    return sig
+
+
+def _logits(cfg: ModelConfig, tp: int) -> TensorSpec:
+    return TensorSpec("logits", (BATCH, rank_sizes(cfg, tp).vocab), "float32")
+
+
+def _resident_signature(kind: str, cfg: ModelConfig, tp: int, dtype: str) -> GraphSignature:
+    cache = (TensorSpec("key_cache", resident_cache_shape(cfg, tp), dtype),
+             TensorSpec("value_cache", resident_cache_shape(cfg, tp), dtype))
+    slot_ids = TensorSpec("slot_ids", (BATCH,), "int32")
+    if kind == "prefill":
+        inputs = (TensorSpec("input_ids", (BATCH, SEQ), "int32"), cache[0], slot_ids,
+                  TensorSpec("start", (BATCH,), "int32"),
+                  TensorSpec("valid_length", (BATCH,), "int32"), cache[1])
+    else:
+        inputs = (TensorSpec("input_ids", (BATCH,), "int32"), cache[0],
+                  TensorSpec("positions", (BATCH,), "int32"), slot_ids, cache[1])
+    return GraphSignature(kind, inputs, (_logits(cfg, tp), *cache), RESIDENT)
+
+
+def _window_signature(kind: str, cfg: ModelConfig, tp: int, dtype: str) -> GraphSignature:
     window = (TensorSpec("key_window", cache_shape(cfg, tp), dtype),
               TensorSpec("value_window", cache_shape(cfg, tp), dtype))
     if kind == "prefill":
@@ -105,13 +176,9 @@ def graph_signature(kind: str, cfg: ModelConfig, tp: int, dtype: str) -> GraphSi
                   TensorSpec("start", (BATCH,), "int32"),
                   TensorSpec("valid_length", (BATCH,), "int32"), window[1])
         new = cache_shape(cfg, tp, SEQ)
-    elif kind == "decode":
+    else:
         inputs = (TensorSpec("input_ids", (BATCH,), "int32"), window[0],
                   TensorSpec("positions", (BATCH,), "int32"), window[1])
         new = cache_shape(cfg, tp, 1)
-    else:
-        raise ValueError(f"unknown graph kind {kind!r}; expected one of {GRAPH_KINDS}")
-    outputs = (logits, TensorSpec("key", new, dtype), TensorSpec("value", new, dtype))
-    sig = GraphSignature(kind, inputs, outputs)
-    check_input_order(sig)
-    return sig
+    outputs = (_logits(cfg, tp), TensorSpec("key", new, dtype), TensorSpec("value", new, dtype))
+    return GraphSignature(kind, inputs, outputs)

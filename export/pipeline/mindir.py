@@ -30,7 +30,7 @@ def export_graph(net: RankModel, sig: GraphSignature, path_stem: Path) -> Path:
     Over 1 GB of parameters MindSpore writes `<stem>_graph.mindir` plus a
     `<stem>_variables/` directory instead; the returned path is the one to load.
     """
-    graph = GRAPH_CLASSES[sig.kind](net)
+    graph = GRAPH_CLASSES[sig.kind, sig.cache_mode](net)
     ms.export(graph, *placeholders(sig), file_name=str(path_stem), file_format="MINDIR")
     single = path_stem.with_name(path_stem.name + ".mindir")
     split = path_stem.with_name(path_stem.name + "_graph.mindir")

@@ -18,6 +18,10 @@ from dsflow.common.errors import DsflowError
 # Ascend runs bf16, the dtype DeepSeek-Coder was trained in (fp16 overflows).
 TARGET_DTYPES = {"cpu": "float32", "ascend": "bfloat16"}
 TARGETS = tuple(TARGET_DTYPES)
+# Default KV-cache mode per target (graphs/signatures.py): on CPU the host-held cache
+# and per-step windows cost only what the sequences hold; on Ascend the cache stays on
+# the card (a window would cross PCIe every step).
+TARGET_CACHE_MODES = {"cpu": "window", "ascend": "resident"}
 # The fused attention operators accept only 16-bit inputs (fp32 fails shape inference).
 ASCEND_DTYPES = ("bfloat16", "float16")
 # KV-cache dtype at the graph boundary on Ascend: float16 whatever the weights. The
