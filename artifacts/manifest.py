@@ -19,7 +19,8 @@ from dsflow.graphs.config import ModelConfig
 from dsflow.common.checksums import files_with_checksums, sha256_file
 from dsflow.common.errors import DsflowError
 from dsflow.graphs.tp_plan import rank_sizes
-from dsflow.graphs.signatures import CACHE_LAYOUT, GraphSignature, graph_signature
+from dsflow.graphs.signatures import (CACHE_LAYOUT, CACHE_MODES, RESIDENT, WINDOW,
+                                      GraphSignature, graph_signature)
 from dsflow.artifacts.document import ModelDocument, read_json_document
 
 MANIFEST_NAME = "manifest.json"
@@ -47,8 +48,23 @@ class Manifest(ModelDocument):
         """KV-cache dtype at the graph boundary (may differ from the weights' dtype)."""
         return self.data["kv_cache"]["dtype"]
 
+    @property
+    def cache_mode(self) -> str:
+        """"window" or "resident" (graphs/signatures.py). Version-2 manifests written
+        before the resident mode existed have no entry: their graphs are window graphs."""
+        return self.data["kv_cache"].get("cache_mode", WINDOW)
+
+    @property
+    def resident_shape(self) -> Optional[tuple[int, int]]:
+        """(slots, capacity) a resident cache was built for (GE fixes them), or None
+        when any shape is accepted (window mode, or a resident CPU build)."""
+        kv = self.data["kv_cache"]
+        if self.cache_mode != RESIDENT or kv.get("slots") is None:
+            return None
+        return int(kv["slots"]), int(kv["capacity"])
+
     def signature(self, kind: str) -> GraphSignature:
-        return graph_signature(kind, self.config, self.tp, self.cache_dtype)
+        return graph_signature(kind, self.config, self.tp, self.cache_dtype, self.cache_mode)
 
     def check_signatures(self) -> None:
         """Every graph's recorded inputs are this dsflow's signature for it: artifacts
@@ -122,10 +138,14 @@ def kv_bytes_per_token(cfg: ModelConfig, tp: int, dtype: str) -> int:
     return 2 * sizes.layers * sizes.kv_features * (4 if dtype == "float32" else 2)
 
 
-def kv_cache_section(cfg: ModelConfig, tp: int, dtype: str, max_seq_len: int) -> dict:
-    """`dtype` is the cache's own dtype (graphs.kernels.cache_dtype)."""
+def kv_cache_section(cfg: ModelConfig, tp: int, dtype: str, max_seq_len: int,
+                     cache_mode: str = WINDOW) -> dict:
+    """`dtype` is the cache's own dtype (graphs.kernels.cache_dtype); `cache_mode` how the
+    graphs see it (graphs/signatures.py). A resident cache built for GE also records its
+    fixed `slots` and `capacity` (added by the Lite stage)."""
     sizes = rank_sizes(cfg, tp)
     return {"layout": list(CACHE_LAYOUT), "dtype": dtype, "max_seq_len": max_seq_len,
+            "cache_mode": cache_mode,
             "layers": sizes.layers, "kv_heads_per_rank": sizes.kv_heads,
             "head_dim": sizes.head_dim,
             "bytes_per_token_per_rank": kv_bytes_per_token(cfg, tp, dtype)}
@@ -174,6 +194,11 @@ def _check_keys(path: Path, data: dict) -> None:
                                     "damaged or hand-edited: rebuild the artifacts")
     need(data, REQUIRED, "")
     need(data["kv_cache"], REQUIRED_KV, "kv_cache.")
+    mode = data["kv_cache"].get("cache_mode", WINDOW)
+    if mode not in CACHE_MODES:
+        raise ManifestError(f"{path}: kv_cache.cache_mode {mode!r} is not one of "
+                            f"{', '.join(CACHE_MODES)} (written by a newer dsflow?); rebuild "
+                            "the artifacts with this dsflow's `dsexport build`")
     for i, g in enumerate(data["graphs"]):
         if not isinstance(g, dict):
             raise ManifestError(f"{path}: graphs[{i}] is not an object; rebuild the artifacts")

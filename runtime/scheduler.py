@@ -27,6 +27,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from dsflow.artifacts.manifest import Manifest
+from dsflow.graphs.signatures import RESIDENT
 from dsflow.common.errors import DsflowError
 from dsflow.runtime.cluster import Cluster
 from dsflow.runtime.requests import Completion, RequestHandle, StreamEvent, _SequenceState
@@ -51,14 +52,16 @@ class SlotPlan:
     prefill_chunk: int
     bytes_per_token: int  # per rank, keys and values
     buckets: Optional[tuple[int, ...]] = None
+    copies: int = 1  # 2 for a resident cache: the graphs' input and output pairs
 
     @property
     def cache_bytes(self) -> int:
-        return self.slots * self.capacity * self.bytes_per_token
+        return self.copies * self.slots * self.capacity * self.bytes_per_token
 
     def describe(self) -> str:
+        copies = " (two copies: resident ping-pong)" if self.copies == 2 else ""
         return (f"KV cache: {self.slots} sequences x {self.capacity} tokens = "
-                f"{self.cache_bytes / 2**20:.0f} MiB per rank; prefill chunk "
+                f"{self.cache_bytes / 2**20:.0f} MiB per rank{copies}; prefill chunk "
                 f"{self.prefill_chunk} tokens")
 
     def check_fits(self, prompt_len: int, params: SamplingParams) -> None:
@@ -89,6 +92,9 @@ def plan_slots(manifest: Manifest, max_batch: Optional[int] = None,
     (both: the smaller), default 8 within DEFAULT_CACHE_MB. With shape buckets (Ascend)
     the capacity is rounded up to a bucket, slots are capped by the largest batch gear
     and chunks by the smallest bucket (export/pipeline/lite_build.py gears)."""
+    if manifest.resident_shape:
+        return _pinned_plan(manifest, max_batch, max_seq_len, cache_mb, prefill_chunk)
+    copies = 2 if manifest.cache_mode == RESIDENT else 1
     limit = manifest.max_seq_len
     capacity = max_seq_len or limit
     if not 2 <= capacity <= limit:
@@ -97,7 +103,7 @@ def plan_slots(manifest: Manifest, max_batch: Optional[int] = None,
     buckets = tuple(manifest.buckets) if manifest.buckets else None
     if buckets:
         capacity = gear(capacity, buckets, 1, "--max-seq-len")
-    per_token = manifest.kv_bytes_per_token
+    per_token = manifest.kv_bytes_per_token * copies  # per slot position, all copies
     if max_batch is not None and max_batch < 1:
         raise DsflowError(f"--max-batch {max_batch}: must be >= 1")
     slots = max_batch or DEFAULT_MAX_BATCH
@@ -113,12 +119,40 @@ def plan_slots(manifest: Manifest, max_batch: Optional[int] = None,
     gears = manifest.lite.get("batch_sizes")
     if gears:
         slots = min(slots, max(gears))
+    return SlotPlan(slots, capacity, _chunk(prefill_chunk, buckets), manifest.kv_bytes_per_token,
+                    buckets, copies)
+
+
+def _chunk(prefill_chunk: Optional[int], buckets: Optional[tuple[int, ...]]) -> int:
     chunk = prefill_chunk or DEFAULT_PREFILL_CHUNK
     if chunk < 1:
         raise DsflowError(f"--prefill-chunk {chunk}: must be >= 1")
     if buckets:  # the prefill graphs have one chunk gear: the smallest bucket
         chunk = min(chunk, buckets[0])
-    return SlotPlan(slots, capacity, chunk, per_token, buckets)
+    return chunk
+
+
+def _pinned_plan(manifest: Manifest, max_batch: Optional[int], max_seq_len: Optional[int],
+                 cache_mb: Optional[float], prefill_chunk: Optional[int]) -> SlotPlan:
+    """A resident cache built for GE has its slots and capacity fixed in the graphs
+    (export/pipeline/lite_build.py resident_dims): options may restate them, not change
+    them, and --cache-mb may only refuse them."""
+    slots, capacity = manifest.resident_shape
+    fixed = "(dsexport build --batch-sizes / --buckets); rebuild to change it"
+    for option, value, built in (("--max-batch", max_batch, slots),
+                                 ("--max-seq-len", max_seq_len, capacity)):
+        if value is not None and value != built:
+            raise DsflowError(f"{option} {value}: these artifacts keep the KV cache on the "
+                              f"device as {slots} slots x {capacity} positions, fixed at "
+                              f"build {fixed}")
+    buckets = tuple(manifest.buckets) if manifest.buckets else None
+    plan = SlotPlan(slots, capacity, _chunk(prefill_chunk, buckets),
+                    manifest.kv_bytes_per_token, buckets, copies=2)
+    if cache_mb is not None and plan.cache_bytes > cache_mb * 2**20:
+        raise DsflowError(f"--cache-mb {cache_mb}: the device-resident cache of these "
+                          f"artifacts needs {plan.cache_bytes / 2**20:.0f} MiB per rank "
+                          f"({slots} slots x {capacity} positions, two copies) {fixed}")
+    return plan
 
 
 @dataclass

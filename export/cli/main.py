@@ -82,6 +82,13 @@ def main() -> None:
                    "16384 (capped by --max-seq-len); none for cpu (any length).")
 @click.option("--batch-sizes", default="1", show_default=True,
               help="ascend: comma-separated batch sizes to build gears for.")
+@click.option("--cache-mode", type=click.Choice(["window", "resident"]), default=None,
+              help="KV cache at the graph boundary. window: the worker keeps the slot "
+                   "cache and hands each step a window of it (default for cpu). resident: "
+                   "the graphs take and return the whole slot cache, which stays on the "
+                   "device (default for ascend: slots = the largest --batch-sizes, "
+                   "capacity = the largest bucket, fixed at build). resident on cpu runs "
+                   "the same cache plumbing as the Ascend graphs (a check, slower).")
 @click.option("--devices", default=None,
               help="ascend: card of each rank for the rank table, e.g. 0,1,2,3 "
                    "(default 0..tp-1).")
@@ -97,7 +104,8 @@ def main() -> None:
               help="Show MindSpore's own log lines, and the traceback of a failure.")
 @run_command("dsexport")
 def build(model_dir: Optional[Path], tp: int, out: Path, target: str, dtype: Optional[str],
-          buckets: Optional[str], batch_sizes: str, devices: Optional[str],
+          buckets: Optional[str], batch_sizes: str, cache_mode: Optional[str],
+          devices: Optional[str],
           config_path: Optional[Path], max_seq_len: Optional[int], quiet: bool,
           as_json: bool, verbose: bool) -> None:
     """Shard a checkpoint by rank and export each rank's prefill and decode graphs.
@@ -118,7 +126,7 @@ def build(model_dir: Optional[Path], tp: int, out: Path, target: str, dtype: Opt
     options = dict(tp=tp, target=target, dtype=parse_dtype(dtype), max_seq_len=max_seq_len,
                    config=config_path, buckets=int_list(buckets, "--buckets"),
                    batch_sizes=tuple(int_list(batch_sizes, "--batch-sizes") or (1,)),
-                   device_ids=int_list(devices, "--devices"))
+                   device_ids=int_list(devices, "--devices"), cache_mode=cache_mode)
     if model_dir is None:
         from dsflow.export.pipeline.default_model import default_model_dir
         model_dir = default_model_dir()

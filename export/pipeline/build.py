@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from dsflow.graphs.config import ModelConfig
-from dsflow.graphs.kernels import TARGET_DTYPES, cache_dtype, check_target
-from dsflow.graphs.signatures import GRAPH_KINDS, graph_signature
+from dsflow.graphs.kernels import TARGET_CACHE_MODES, TARGET_DTYPES, cache_dtype, check_target
+from dsflow.graphs.signatures import CACHE_MODES, GRAPH_KINDS, graph_signature
 from dsflow.graphs.tp_plan import check_tp, weight_specs
 from dsflow.export.checkpoint.reader import Checkpoint
 from dsflow.common.dtypes import convert
@@ -67,6 +67,11 @@ class BuildOptions:
     # Ascend: batch-size gears and the card of each rank (for the rank table)
     batch_sizes: tuple[int, ...] = (1,)
     device_ids: Optional[list[int]] = None
+    # "window" or "resident" (graphs/signatures.py); None: the target's default
+    cache_mode: Optional[str] = None
+
+    def resolved_cache_mode(self) -> str:
+        return self.cache_mode or TARGET_CACHE_MODES[self.target]
 
 
 def resolve_buckets(opts: BuildOptions, max_seq: int) -> Optional[list[int]]:
@@ -142,7 +147,8 @@ def _export_rank(shards: ShardsIndex, opts: BuildOptions, dtype: str, rank: int,
     rank_dir.mkdir()
     graphs = []
     for i, kind in enumerate(GRAPH_KINDS, 1):
-        sig = graph_signature(kind, cfg, opts.tp, cache_dtype(opts.target, dtype))
+        sig = graph_signature(kind, cfg, opts.tp, cache_dtype(opts.target, dtype),
+                              opts.resolved_cache_mode())
         path = export_graph(net, sig, rank_dir / kind)
         graphs.append({"rank": rank, "kind": kind, "file": path.relative_to(root).as_posix(),
                        **sig.to_dict()})
@@ -198,6 +204,7 @@ def _lite_stage(root: Path, data: dict, opts: BuildOptions,
                         device_ids=opts.device_ids, shown_as=str(opts.out))
     apply_lite_entries(data["graphs"], result)
     data["lite"] = result["section"]
+    data["kv_cache"].update(result["kv_cache"])  # a resident cache's fixed slots/capacity
     if result.get("notice"):
         notice(result["notice"])
 
@@ -221,6 +228,9 @@ def build(opts: BuildOptions, progress: Progress = _no_progress,
                           f"{', '.join(TARGET_DTYPES)})")
     dtype = opts.dtype or TARGET_DTYPES[opts.target]
     check_target(opts.target, dtype)
+    if opts.resolved_cache_mode() not in CACHE_MODES:
+        raise ExportError(f"--cache-mode {opts.cache_mode}: unknown (choose from "
+                          f"{', '.join(CACHE_MODES)})")
     source = _open_source(opts)
     try:
         cfg = source.config
@@ -254,7 +264,7 @@ def build(opts: BuildOptions, progress: Progress = _no_progress,
                 "tp_plan": [{"name": s.name, "shape": list(s.shape), "split": s.split.value,
                              "axis": s.axis} for s in weight_specs(cfg)],
                 "kv_cache": kv_cache_section(cfg, opts.tp, cache_dtype(opts.target, dtype),
-                                             max_seq),
+                                             max_seq, opts.resolved_cache_mode()),
                 "buckets": buckets,
                 "graphs": graphs,
             }

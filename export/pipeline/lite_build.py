@@ -15,6 +15,9 @@ Shapes: the GE gears come from the same bucket list the runtime pads to
 holds the live length, so `kv_len` gears are exactly the buckets; prompts are prefilled
 in chunks of at most the smallest bucket, so the prefill `seq` dim has that one value
 (a gear per (seq, kv_len) pair would multiply the count past GE's 100).
+Resident-cache graphs (the Ascend default, graphs/signatures.py) have no `kv_len`:
+their cache inputs are fixed at [layers, slots, kv_heads, capacity, head_dim] with
+`resident_dims`, so their gears are the batch sizes alone.
 Input names, order and dynamic axes come from `graphs.signatures.graph_signature`.
 
 Batch: by default every graph is built for batch 1 (the batch dim is fixed to 1 in
@@ -56,8 +59,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from dsflow.graphs.config import ModelConfig
-from dsflow.graphs.signatures import (BATCH, KV_LEN, SEQ, GraphSignature, check_input_order,
-                                      graph_signature)
+from dsflow.graphs.signatures import (BATCH, CAPACITY, KV_LEN, RESIDENT, SEQ, SLOTS,
+                                      GraphSignature, check_input_order, graph_signature)
 from dsflow.artifacts.lite import (LITE_SUFFIX, PLACEHOLDER_PREFIX, RANK_TABLE_NAME, LiteBuildError,
                                    converted_file)
 
@@ -113,12 +116,23 @@ def gears(buckets: Sequence[int], batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZ
     return out
 
 
+def resident_dims(buckets: Sequence[int], batch_sizes: Sequence[int]) -> tuple[int, int]:
+    """(slots, capacity) of a resident cache built for GE: GE compiles static shapes per
+    gear, and one cache shape serves every gear, so both are fixed at build. Slots =
+    the largest batch gear (a full batch; and padding rows need slots of their own,
+    graphs/model.py SlotWriter); capacity = the largest bucket (= --max-seq-len,
+    export/pipeline/build.py resolve_buckets), the longest sequence the artifacts take."""
+    return (_positive_sorted(batch_sizes, "batch sizes")[-1],
+            _positive_sorted(buckets, "--buckets")[-1])
+
+
 def _gear_values(buckets: Sequence[int], batch_sizes: Sequence[int]) -> dict[str, list[int]]:
     """The values each named axis takes across the gears."""
     lengths = _positive_sorted(buckets, "--buckets")
+    slots, capacity = resident_dims(buckets, batch_sizes)
     # a prefill chunk is at most the smallest bucket (runtime/scheduler.py SlotPlan)
     return {BATCH: _positive_sorted(batch_sizes, "batch sizes"), SEQ: lengths[:1],
-            KV_LEN: lengths}
+            KV_LEN: lengths, SLOTS: [slots], CAPACITY: [capacity]}
 
 
 def _dim_text(dim: Any, values: dict[str, list[int]]) -> str:
@@ -162,11 +176,13 @@ def ge_dynamic_dims(sig: GraphSignature, buckets: Sequence[int],
     dynamicDims with fewer than 2 gears (E10035, CheckDynamicParams in
     multi_batch_options.cc), so one gear is written as static shapes instead."""
     values = _gear_values(buckets, batch_sizes)
-    rows = []
+    rows: list[str] = []
     for batch, length in gears(buckets, batch_sizes):
         gear = {BATCH: batch, SEQ: min(buckets), KV_LEN: length}
-        rows.append(",".join(str(gear[d]) for t in ge_inputs(sig) for d in t.shape
-                             if _dim_text(d, values) == "-1"))
+        row = ",".join(str(gear[d]) for t in ge_inputs(sig) for d in t.shape
+                       if _dim_text(d, values) == "-1")
+        if row not in rows:  # a resident graph has no kv_len: one gear per batch size
+            rows.append(row)
     if len(rows) < 2:
         return None
     return ";".join(rows)
@@ -376,7 +392,8 @@ def lite_stage(art_dir: Path, manifest_data: dict, buckets: Optional[Sequence[in
     """Write inis (+ rank table), convert or script it; return what the manifest records.
 
     Returns {"section": {...} for manifest["lite"], "graphs": {"rank<R>/<kind>":
-    {"stage", "lite_file", "lite_stem", "config"}}, "notice": str or None}.
+    {"stage", "lite_file", "lite_stem", "config"}}, "notice": str or None,
+    "kv_cache": {"slots", "capacity"} of a resident cache (else {}) for manifest["kv_cache"]}.
     All paths are relative to `art_dir`; the notice names the directory `shown_as`
     (default: art_dir's name; a build passes its final --out, not the staging dir).
     """
@@ -385,6 +402,7 @@ def lite_stage(art_dir: Path, manifest_data: dict, buckets: Optional[Sequence[in
     cfg = ModelConfig.from_dict(manifest_data["model"])
     tp = int(manifest_data["tp"])
     dtype = manifest_data["kv_cache"]["dtype"]  # the signatures carry the cache dtype
+    mode = manifest_data["kv_cache"].get("cache_mode", "window")
     buckets = _positive_sorted(buckets or manifest_data.get("buckets") or [], "--buckets")
     gears(buckets, batch_sizes)  # validate the gear count early
     table = None
@@ -393,7 +411,7 @@ def lite_stage(art_dir: Path, manifest_data: dict, buckets: Optional[Sequence[in
         _write(art_dir / table, json.dumps(rank_table(tp, device_ids), indent=2) + "\n")
     entries, jobs = {}, []
     for g in manifest_data["graphs"]:
-        sig = graph_signature(g["kind"], cfg, tp, dtype)
+        sig = graph_signature(g["kind"], cfg, tp, dtype, mode)
         _check_signature(g, sig)
         src = Path(g["file"])
         ini = src.parent / f"{g['kind']}.ini"
@@ -416,7 +434,10 @@ def lite_stage(art_dir: Path, manifest_data: dict, buckets: Optional[Sequence[in
             "or delete those fields.")
     section = {"buckets": buckets, "batch_sizes": _positive_sorted(batch_sizes, "batch sizes"),
                "rank_table": table, "script": script}
-    return {"section": section, "graphs": entries, "notice": notice}
+    kv_cache = {}
+    if mode == RESIDENT:
+        kv_cache = dict(zip(("slots", "capacity"), resident_dims(buckets, batch_sizes)))
+    return {"section": section, "graphs": entries, "notice": notice, "kv_cache": kv_cache}
 
 
 def apply_lite_entries(graphs: list[dict], result: dict) -> None:
