@@ -31,23 +31,27 @@ CFG = config_from_hf_dict(SMALL)
 
 
 # ---- helpers ------------------------------------------------------------------------
-def manifest_data(tp: int, dtype: str = "float16", buckets=BUCKETS) -> dict:
+def manifest_data(tp: int, dtype: str = "float16", buckets=BUCKETS,
+                  cache_mode: str = "window") -> dict:
     graphs = [{"rank": r, "kind": k, "file": f"rank{r}/{k}.mindir",
-               **graph_signature(k, CFG, tp, dtype).to_dict()}
+               **graph_signature(k, CFG, tp, dtype, cache_mode).to_dict()}
               for r in range(tp) for k in ("prefill", "decode")]
     return {"model": CFG.to_dict(), "tp": tp, "dtype": dtype, "buckets": buckets,
             "mindspore_version": "2.10.0", "created": "2026-11-30T12:00:00+0000",
-            "kv_cache": {"max_seq_len": 64, "dtype": dtype}, "graphs": graphs}
+            "kv_cache": {"max_seq_len": 64, "dtype": dtype, "cache_mode": cache_mode},
+            "graphs": graphs}
 
 
-def artifacts(root: Path, tp: int, dtype: str = "float16", env=None, **kw) -> tuple[Manifest, dict]:
-    data = manifest_data(tp, dtype)
+def artifacts(root: Path, tp: int, dtype: str = "float16", env=None, cache_mode="window",
+              **kw) -> tuple[Manifest, dict]:
+    data = manifest_data(tp, dtype, cache_mode=cache_mode)
     for g in data["graphs"]:
         (root / g["file"]).parent.mkdir(parents=True, exist_ok=True)
         (root / g["file"]).write_bytes(b"mindir")
     result = lb.lite_stage(root, data, env=env if env is not None else {"PATH": ""}, **kw)
     lb.apply_lite_entries(data["graphs"], result)
     data["lite"] = result["section"]
+    data["kv_cache"].update(result["kv_cache"])
     write_manifest(root, data)  # the fake's get_inputs() reads the signatures there
     return Manifest(root, data), result
 

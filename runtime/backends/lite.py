@@ -28,15 +28,24 @@ examples/base_models/qwen3_8b/infer_qwen3_8b_mslite_tp.py, infer_qwen3_8b_mslite
    starts its first AllReduce while another still builds). With the current worker
    protocol the coordinator sends no request before every rank reported "ready", which
    happens after this constructor returns, so a no-op barrier is already safe there.
-6. The KV cache is the worker's slot cache (runtime/slot_backend.py), held in host
-   memory in the cache dtype: each step uploads the window of the live slots with its
-   inputs and downloads the new K/V with the logits. The documented Python API has no
-   way to gather slots on the device outside a model, so a device-resident slot cache
-   needs graphs that own it (docs/DESIGN.md, "KV cache: slots"); until then this costs
-   one window transfer per step (docs/ASCEND.md says how much).
+6. The KV cache stays on the device (artifacts built with the resident cache mode,
+   the Ascend default; graphs/signatures.py): `configure` allocates two pairs of
+   device tensors of the built shape, `Tensor(shape, dtype, device="ascend:N")`,
+   zeroed once with set_data_from_numpy. Each predict takes the small host inputs
+   (ids, positions, slot ids) plus the current pair and gets `outputs=[host logits,
+   the other pair]` (preallocated outputs: model.py predict(inputs, outputs); the
+   Qwen3 Lite example feeds device tensors so "device-side tensors are zero-copy"),
+   then the pairs swap (ping-pong). Per step only ids and logits cross PCIe; on the
+   card the graph copies the whole cache into the output pair and gathers the batch's
+   slots. The documented API has no device-side copy outside a model, so `copy_slot`
+   is not supported (configure says so); the slots and capacity are the build's
+   (the manifest's kv_cache.slots / capacity), and configure refuses any other.
+   Artifacts built with `--cache-mode window` still run the old way: the slot cache
+   in host memory, each step uploading the window of the live slots and downloading
+   the new K/V (runtime/slot_backend.py).
 7. The batch is padded up to the next gear of --batch-sizes (slot_backend), and every
-   prefill chunk length and window length is a bucket (the coordinator picks them from
-   the manifest's buckets).
+   prefill chunk length (and window length, window mode) is a bucket (the coordinator
+   picks them from the manifest's buckets).
 8. `resize` is called whenever a graph's input shapes change (the 1p example resizes
    per bucket; with GE the input tensors' shapes decide the gear anyway).
 
@@ -64,7 +73,8 @@ import numpy as np
 from dsflow.artifacts.lite import RANK_TABLE_NAME, check_rank_table, model_file
 from dsflow.artifacts.manifest import Manifest
 from dsflow.common.errors import DsflowError
-from dsflow.runtime.slot_backend import SlotBackend
+from dsflow.graphs.signatures import RESIDENT
+from dsflow.runtime.slot_backend import PAD_POSITION, SlotBackend
 
 log = logging.getLogger("dsflow.lite")
 
@@ -78,6 +88,12 @@ PREFILL_IO = (("input_ids", "key_window", "start", "valid_length", "value_window
               ("logits", "key", "value"))
 DECODE_IO = (("input_ids", "key_window", "positions", "value_window"),
              ("logits", "key", "value"))
+RESIDENT_IO = {
+    "prefill": (("input_ids", "key_cache", "slot_ids", "start", "valid_length", "value_cache"),
+                ("logits", "key_cache", "value_cache")),
+    "decode": (("input_ids", "key_cache", "positions", "slot_ids", "value_cache"),
+               ("logits", "key_cache", "value_cache"))}
+CACHE_INPUTS = ("key_cache", "value_cache")
 LITE_DTYPE_NAMES = {"float32": "FLOAT32", "float16": "FLOAT16", "int32": "INT32",
                     "bfloat16": "BFLOAT16"}
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int32": np.int32}
@@ -252,8 +268,15 @@ class LiteBackend(SlotBackend):
             raise LiteBackendError(f"{manifest.root}: no shape buckets recorded; Ascend "
                                    "artifacts are built with --buckets")
         self._check_io()
-        lite_dtype(ms, manifest.cache_dtype)  # refuses a cache dtype Lite cannot hold
+        self.lite_cache_dtype = lite_dtype(ms, manifest.cache_dtype)  # refuses bf16
         self.cache_dtype = NP_DTYPES[manifest.cache_dtype]
+        self.built_shape = manifest.resident_shape  # (slots, capacity), resident mode
+        if self.cache_mode == RESIDENT and self.built_shape is None:
+            raise LiteBackendError(f"{manifest.root}: a resident cache without fixed slots / "
+                                   "capacity (a CPU build); build the artifacts with "
+                                   "--target ascend")
+        self._pairs: Optional[list[list]] = None  # two [key, value] device pairs
+        self._current = 0  # the pair holding the cache
         config_dict = self._config_dict(manifest, rank, int(device_id), rank_table)
         self.models = {"prefill": ms.Model(), "decode": ms.Model()}
         self.group = ms.ModelGroup(ms.ModelGroupFlag.SHARE_WEIGHT)
@@ -272,7 +295,9 @@ class LiteBackend(SlotBackend):
     # ---- setup ------------------------------------------------------------------
     def _check_io(self) -> None:
         """Fail loudly if the signatures change under this backend's fixed I/O order."""
-        for kind, (ins, outs) in (("prefill", PREFILL_IO), ("decode", DECODE_IO)):
+        io = RESIDENT_IO if self.cache_mode == RESIDENT else {"prefill": PREFILL_IO,
+                                                              "decode": DECODE_IO}
+        for kind, (ins, outs) in io.items():
             sig = self.sigs[kind]
             names = (tuple(t.name for t in sig.inputs), tuple(t.name for t in sig.outputs))
             if names != (ins, outs):
@@ -341,9 +366,72 @@ class LiteBackend(SlotBackend):
         return (np.asarray(logits, np.float32), key.astype(self.cache_dtype, copy=False),
                 value.astype(self.cache_dtype, copy=False))
 
+    # ---- the device-resident cache ----------------------------------------------
+    def configure(self, slots: int, capacity: int) -> dict:
+        """Window mode: the host slot cache. Resident mode: the two device pairs, which
+        must have the built shape (GE compiled the graphs for it)."""
+        if self.cache_mode == RESIDENT and (slots, capacity) != self.built_shape:
+            built_slots, built_capacity = self.built_shape
+            raise LiteBackendError(
+                f"configure {slots} slots x {capacity} positions: the graphs keep the KV "
+                f"cache on the device as {built_slots} slots x {built_capacity} positions, "
+                "fixed at build (dsexport build --batch-sizes / --buckets)")
+        return super().configure(slots, capacity)
+
+    def _device_pairs(self) -> list[list]:
+        """Both [key, value] pairs on this rank's card, allocated once, in the built shape."""
+        if self._pairs is None:
+            shape = list(self.resident_shape(*self.built_shape))
+            self._pairs = [[self._ms.Tensor(shape=shape, dtype=self.lite_cache_dtype,
+                                            device=self.device) for _ in CACHE_INPUTS]
+                           for _ in range(2)]
+        return self._pairs
+
+    def _allocate_resident(self, slots: int, capacity: int) -> dict:
+        zeros = np.zeros(self.resident_shape(slots, capacity), self.cache_dtype)
+        pairs = self._device_pairs()
+        for pair in pairs:  # one upload each, at start-up: stale memory could hold NaN
+            for tensor in pair:
+                tensor.set_data_from_numpy(zeros)
+        self._current = 0
+        return {"cache_bytes": 2 * len(CACHE_INPUTS) * zeros.nbytes, "copy_slot": False}
+
+    def _run_resident(self, kind: str, named: dict) -> np.ndarray:
+        """One predict: host tensors for the small inputs, the current device pair in,
+        host logits and the other device pair out; then swap the pairs."""
+        if kind == "prefill":
+            self._check_length(named["input_ids"].shape[1], "prompt chunk")
+        sig = self.sigs[kind]
+        now, other = self._device_pairs()[self._current], self._device_pairs()[1 - self._current]
+        caches = dict(zip(CACHE_INPUTS, now))
+        T = self._ms.Tensor
+        inputs = [caches[name] if name in caches else T(np.ascontiguousarray(named[name]))
+                  for name in sig.input_names()]
+        model = self.models[kind]
+        shapes = [list(t.shape) for t in inputs]
+        if self._shapes.get(kind) != shapes:
+            model.resize(model.get_inputs(), shapes)
+            self._shapes[kind] = shapes
+        rows, vocab = shapes[0][0], sig.outputs[0].shape[1]
+        logits = T(shape=[rows, vocab], dtype=self._ms.DataType.FLOAT32)
+        model.predict(inputs, outputs=[logits, *other])
+        self._current = 1 - self._current
+        return np.asarray(logits.get_data_to_numpy(), np.float32)
+
+    def copy_slot(self, src: int, dst, length: int) -> None:
+        if self.cache_mode != RESIDENT:
+            return super().copy_slot(src, dst, length)
+        raise LiteBackendError("copy_slot: the KV cache is on the device and mindspore_lite's "
+                               "Python API has no device-side copy outside a model "
+                               "(configure reports copy_slot False); prefill each sample's "
+                               "slot instead")
+
     # ---- start-up ---------------------------------------------------------------
     def gears(self) -> list[tuple[int, int]]:
-        """Every (batch, length) GE compiled a gear for, in the one order all ranks use."""
+        """Every (batch, length) GE compiled a gear for, in the one order all ranks use
+        (resident graphs: one per batch size, at the fixed capacity)."""
+        if self.cache_mode == RESIDENT:
+            return [(b, self.built_shape[1]) for b in self.batch_sizes]
         return [(b, n) for b in self.batch_sizes for n in self.buckets]
 
     def warm_up(self, report: Callable[[str], None] = lambda line: None) -> float:
@@ -358,6 +446,8 @@ class LiteBackend(SlotBackend):
         in the same order, in step through the collective; the compile-cache race that
         staggering avoided in the builds is avoided here by per-rank compile caches
         (`rank_cache_dir`) and CANN work directories."""
+        if self.cache_mode == RESIDENT:
+            return self._warm_up_resident(report)
         start = time.perf_counter()
         todo = self.gears()
         layers, kv_heads, head_dim = self.shape
@@ -375,4 +465,24 @@ class LiteBackend(SlotBackend):
                 "value_window": window}))
             report(f"rank {self.rank}: warm-up {i}/{len(todo)} (batch {batch}, length "
                    f"{length}): prefill {t1 - t0:.1f} s, decode {time.perf_counter() - t1:.1f} s")
+        return time.perf_counter() - start
+
+    def _warm_up_resident(self, report: Callable[[str], None]) -> float:
+        """Each batch gear once: a prefill chunk whose rows are all padding (valid_length
+        0) and a decode step of padding rows (position -1), so the device pairs, whatever
+        they hold before `configure` zeroes them, are read but never written."""
+        start = time.perf_counter()
+        todo = self.gears()
+        for i, (batch, capacity) in enumerate(todo, 1):
+            t0 = time.perf_counter()
+            rows = np.zeros(batch, np.int32)
+            slots = np.arange(batch, dtype=np.int32)
+            self._run_resident("prefill", {
+                "input_ids": np.zeros((batch, self.buckets[0]), np.int32), "slot_ids": slots,
+                "start": rows, "valid_length": rows})
+            t1 = time.perf_counter()
+            self._run_resident("decode", {"input_ids": rows, "slot_ids": slots,
+                                          "positions": rows + PAD_POSITION})
+            report(f"rank {self.rank}: warm-up {i}/{len(todo)} (batch {batch}, cache "
+                   f"{capacity}): prefill {t1 - t0:.1f} s, decode {time.perf_counter() - t1:.1f} s")
         return time.perf_counter() - start

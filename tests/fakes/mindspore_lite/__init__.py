@@ -201,6 +201,7 @@ class Tensor:
                 raise TypeError("user set dtype is not equal numpy dtype")
             self._data = np.ascontiguousarray(tensor).copy()
             self._dtype = _FROM_NP[tensor.dtype.type]
+            self._moved("upload")  # tensor.py: create_tensor_by_numpy(data, device)
         elif tensor is not None:
             raise TypeError(f"tensor must be MindSpore Lite's Tensor._tensor or numpy ndarray, "
                             f"but got {type(tensor)}.")
@@ -215,6 +216,18 @@ class Tensor:
         if _log:
             CALLS.append(("tensor", self.tag, self.shape, self._dtype, device))
 
+    def _moved(self, direction: str) -> None:
+        """fake: a host<->device copy of a device tensor's data, logged as
+        ("upload" | "download", tag, bytes) so tests can count what crosses PCIe."""
+        if self.device is not None and self._data is not None:
+            CALLS.append((direction, self.tag, self._data.nbytes))
+
+    def _peek(self):
+        """fake: the data as the graph sees it (no copy logged: it stays on its side)."""
+        if self._data is None:
+            raise RuntimeError("fake: tensor of dynamic shape holds no data")
+        return self._data
+
     @property
     def shape(self):
         return list(self._shape) if self._data is None else list(self._data.shape)
@@ -228,9 +241,11 @@ class Tensor:
         return 0 if self._data is None else self._data.nbytes
 
     def get_data_to_numpy(self):
-        if self._data is None:
-            raise RuntimeError("fake: tensor of dynamic shape holds no data")
-        return self._data.copy()
+        """tensor.py get_data_to_numpy: a copy on the host (from the device for a
+        device tensor: logged as a download)."""
+        data = self._peek().copy()
+        self._moved("download")
+        return data
 
     def set_data_from_numpy(self, array):
         """tensor.py set_data_from_numpy: ndarray (TypeError), a known numpy dtype
@@ -246,6 +261,7 @@ class Tensor:
             raise RuntimeError(f"data size not equal! Numpy size: {array.nbytes}, "
                                f"Tensor size: {self.data_size}")
         self._data = np.ascontiguousarray(array).reshape(self._data.shape).copy()
+        self._moved("upload")
 
 
 def _check_config_dict(config_dict) -> None:
@@ -289,6 +305,7 @@ class Model:
                        "rank_id": asc.rank_id, "provider": asc.provider,
                        "precision_mode": asc.precision_mode}))
         self.model_path_ = model_path
+        self.device_id = asc.device_id
         self._inputs = [Tensor(shape=list(shape), dtype=dtype, _log=False)
                         for shape, dtype in INPUTS(model_path)]
 
@@ -340,20 +357,43 @@ class Model:
             _check_type("outputs", outputs, list)
             for t in outputs:
                 _check_type("outputs element", t, Tensor)
-        arrays = [t.get_data_to_numpy() for t in inputs]
+        self._check_devices(inputs, outputs or [])
+        arrays = [t._peek().copy() for t in inputs]  # read where they are: no transfer
         # fake: the backend keeps resize in step with what it feeds, in the graph's dtypes
         if [list(a.shape) for a in arrays] != [t.shape for t in self._inputs]:
             raise RuntimeError("fake: input shapes differ from the last resize")
         if [t.dtype for t in inputs] != [t.dtype for t in self._inputs]:
             raise RuntimeError("fake: input dtypes differ from the graph's")
         CALLS.append(("predict", self.tag, [list(a.shape) for a in arrays],
-                      [t.tag for t in inputs], [t.tag for t in outputs or []]))
+                      [t.tag for t in inputs], [t.tag for t in outputs or []],
+                      [t.device for t in inputs], [t.device for t in outputs or []]))
         results = KERNEL(self.model_path_, arrays)
         if outputs is None:
             return [Tensor(r) for r in results]
+        # src/extendrt/cxx_api/model/model_impl.cc Predict: as many outputs as the graph
+        # has ("output size is wrong!"; model.py then raises "predict failed!")
+        if len(outputs) != len(results):
+            raise RuntimeError("predict failed!")
         for t, r in zip(outputs, results):
-            t.set_data_from_numpy(np.ascontiguousarray(r.astype(_NP[t.dtype])))
+            # fake: GE writes the graph's output into the given buffer as is, so its
+            # shape and dtype must be the output's (a smaller buffer would be overrun)
+            if t.shape != list(r.shape) or _NP[t.dtype] != r.dtype:
+                raise RuntimeError(f"fake: output tensor {t.shape} {t.dtype} does not "
+                                   f"match the graph's output {list(r.shape)} {r.dtype}")
+        for t, r in zip(outputs, results):
+            t._data = np.ascontiguousarray(r).copy()  # written where it lives: no transfer
         return outputs
+
+    def _check_devices(self, inputs, outputs) -> None:
+        """fake: a device tensor must be on this model's card (Context device_id), and
+        no tensor may be both an input and an output of one predict (GE may write an
+        output while still reading that input: the reason for a ping-pong pair)."""
+        for t in [*inputs, *outputs]:
+            if t.device and ":" in t.device and int(t.device.split(":")[1]) != self.device_id:
+                raise RuntimeError(f"fake: tensor on {t.device} given to a model on "
+                                   f"ascend:{self.device_id}")
+        if {id(t) for t in inputs} & {id(t) for t in outputs}:
+            raise RuntimeError("fake: a tensor is both an input and an output of predict")
 
 
 class ModelGroup:
