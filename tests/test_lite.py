@@ -594,3 +594,154 @@ def test_warm_up_runs_every_gear_of_both_graphs_once(tmp_path, fake_lite, monkey
     assert shapes == want
     windows = [c[2][1] for c in fake.CALLS[mark:] if c[0] == "predict"]
     assert [k[3] for k in windows] == [n for n in BUCKETS for _ in "pd"] * 2  # kv_len gears
+
+
+# ---- the device-resident cache (graphs/signatures.py resident mode) -------------------
+def test_ini_resident_cache_is_fixed_and_gears_are_the_batch_sizes():
+    cfg = load_config(CONFIGS_DIR / "deepseek-coder-33b-instruct.config.json")
+    buckets, batches = [512, 1024, 2048, 4096], [1, 2, 4, 8, 16]
+    cache = "62,16,2,4096,128"  # [layers, slots, kv heads per rank, capacity, head dim]
+    dec = graph_options(lb.lite_config(graph_signature("decode", cfg, 4, "float16", "resident"),
+                                       buckets, batches))
+    assert dec["ge.inputShape"] == (f"input_ids:-1;key_cache:{cache};positions:-1;"
+                                    f"slot_ids:-1;value_cache:{cache}")
+    assert dec["ge.dynamicDims"] == "1,1,1;2,2,2;4,4,4;8,8,8;16,16,16"
+    pre = graph_options(lb.lite_config(graph_signature("prefill", cfg, 4, "float16",
+                                                       "resident"), buckets, batches))
+    assert pre["ge.inputShape"] == (f"input_ids:-1,512;key_cache:{cache};slot_ids:-1;"
+                                    f"start:-1;valid_length:-1;value_cache:{cache}")
+    assert pre["ge.dynamicDims"] == "1,1,1,1;2,2,2,2;4,4,4,4;8,8,8,8;16,16,16,16"
+    one = graph_options(lb.lite_config(graph_signature("decode", CFG, 1, "float16",
+                                                       "resident"), [16, 64]))
+    assert one == {"ge.inputShape": "input_ids:1;key_cache:2,1,2,64,8;positions:1;"
+                                    "slot_ids:1;value_cache:2,1,2,64,8"}  # one gear: static
+
+
+def resident_backend(tmp_path, fake_lite, monkeypatch, tp: int):
+    """Rank tp-1 of resident artifacts (batch gears 1 and 4: 4 slots of 64 positions) on
+    card 5, with the token-sum kernel; returns (backend, fake)."""
+    from dsflow.runtime.backends.lite import LiteBackend
+    manifest, _ = artifacts(tmp_path, tp, cache_mode="resident", batch_sizes=[1, 4])
+    assert manifest.resident_shape == (4, 64)
+    devices = [4, 5][-tp:]
+    if tp > 1:
+        filled_table(manifest, devices)
+    backend = LiteBackend(manifest, tp - 1, 5, turns=Turns(lambda *e: None))
+    fake = fake_lite()
+    use_token_sum_kernel(fake, monkeypatch, tp)
+    return backend, fake
+
+
+def rank_tokens(logits: np.ndarray, tp: int) -> list:
+    """The token each row's one-hot names, if it falls in this (last) rank's slice."""
+    width = 64 // tp
+    return [int(np.argmax(r)) + (tp - 1) * width if r.any() else None for r in logits]
+
+
+def expect(totals: list, tp: int) -> list:
+    width = 64 // tp
+    return [t % 50 + 5 if t % 50 + 5 >= (tp - 1) * width else None for t in totals]
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_resident_cache_stays_on_the_device_and_ping_pongs(tmp_path, fake_lite, monkeypatch,
+                                                          tp):
+    from dsflow.runtime.backends.lite import LiteBackendError
+    backend, fake = resident_backend(tmp_path, fake_lite, monkeypatch, tp)
+    with pytest.raises(LiteBackendError, match="built for|fixed at build"):
+        backend.configure(slots=8, capacity=64)
+    mark = len(fake.CALLS)
+    kv_heads = 2 // tp
+    one = CFG.num_layers * 4 * kv_heads * 64 * CFG.head_dim * 2  # fp16 bytes of one tensor
+    assert backend.configure(slots=4, capacity=64) == {"cache_bytes": 4 * one,
+                                                       "copy_slot": False}
+    made = [c for c in fake.CALLS[mark:] if c[0] == "tensor"]
+    cache_tags = {c[1] for c in made}
+    assert len(made) == 4 and {c[4] for c in made} == {"ascend:5"}
+    assert all(c[2] == [CFG.num_layers, 4, kv_heads, 64, CFG.head_dim] for c in made)
+    uploads = [c for c in fake.CALLS[mark:] if c[0] == "upload"]
+    assert sorted(c[1] for c in uploads) == sorted(cache_tags)  # zeroed once each
+    mark = len(fake.CALLS)
+    i32 = lambda *v: np.array(v, np.int32)  # noqa: E731
+    # slot 3 first, alone; then slots 2, 0, 1 in one step: padded to the 4 gear with
+    # the only spare slot, 3, which must come through unchanged
+    backend.prefill(i32(3), np.array([[9, 9] + [0] * 14], np.int32), i32(0), i32(2), 0)
+    chunk = np.zeros((3, 16), np.int32)
+    chunk[0, :2], chunk[1, :5], chunk[2, :1] = [1, 2], [4, 5, 6, 7, 8], [3]
+    backend.prefill(i32(2, 0, 1), chunk, i32(0, 0, 0), i32(2, 5, 1), 0)
+    totals = {3: 18, 2: 3, 0: 30, 1: 3}
+    for step in range(2):
+        slots, toks = [3, 2, 0, 1], [10 + step, 20, 30, 40]
+        pos = [2 + step, 2 + step, 5 + step, 1 + step]
+        out = backend.decode(i32(*slots), i32(*toks), i32(*pos), 0)
+        totals = {s: totals[s] + t for s, t in zip(slots, toks)}
+        assert rank_tokens(out, tp) == expect([totals[s] for s in slots], tp)
+    predicts = [c for c in fake.CALLS[mark:] if c[0] == "predict"]
+    assert len(predicts) == 4
+    pairs = []
+    for c in predicts:
+        names = backend.sigs["prefill" if len(c[3]) == 6 else "decode"].input_names()
+        ins = dict(zip(names, zip(c[3], c[5])))
+        key, value = ins["key_cache"], ins["value_cache"]
+        assert key[1] == value[1] == "ascend:5"  # the cache inputs are device tensors
+        assert all(dev is None for n, (_, dev) in ins.items() if n not in CACHE)
+        assert c[6] == [None, "ascend:5", "ascend:5"]  # host logits, device pair
+        pairs.append(((key[0], value[0]), tuple(c[4][1:])))
+    # ping-pong: each step's output pair is the next step's input pair, two pairs in all
+    assert all(out == nxt_in for (_, out), (nxt_in, _) in zip(pairs, pairs[1:]))
+    assert pairs[0][0] == pairs[2][0] != pairs[1][0] == pairs[3][0]
+    assert {t for p in pairs for t in p[0]} == cache_tags
+    moved = [c for c in fake.CALLS[mark:] if c[0] in ("upload", "download")]
+    assert not [c for c in moved if c[1] in cache_tags]  # no cache data crossed PCIe
+    assert [c[0] for c in fake.CALLS[mark:] if c[0] == "resize"]  # shapes followed the gears
+    with pytest.raises(LiteBackendError, match="no device-side copy"):
+        backend.copy_slot(0, [1], 5)
+
+
+def test_resident_warm_up_runs_each_batch_gear_and_writes_nothing(tmp_path, fake_lite,
+                                                                  monkeypatch):
+    backend, fake = resident_backend(tmp_path, fake_lite, monkeypatch, 1)
+    lines = []
+    mark = len(fake.CALLS)
+    backend.warm_up(lines.append)
+    assert lines[-1].startswith("rank 0: warm-up 2/2 (batch 4, cache 64)")
+    shapes = [c[2][0] for c in fake.CALLS[mark:] if c[0] == "predict"]
+    assert shapes == [[1, 16], [1], [4, 16], [4]]  # prefill chunk = the smallest bucket
+    for pair in backend._device_pairs():
+        assert all(not t._peek().any() for t in pair)  # padding rows wrote nothing
+
+
+CACHE = ("key_cache", "value_cache")
+
+
+def test_fake_enforces_preallocated_outputs_and_device_tensors(tmp_path, fake_lite,
+                                                               monkeypatch):
+    fake = importlib.import_module("mindspore_lite")
+    use_token_sum_kernel(fake, monkeypatch, 1)
+    manifest, _ = artifacts(tmp_path / "strict", 1, cache_mode="resident")
+    model = fake.Model()
+    ctx = fake.Context()
+    ctx.ascend.device_id = 1
+    model.build_from_file(str(manifest.graph_path(0, "decode")), fake.ModelType.MINDIR, ctx)
+    shape = [2, 1, 2, 64, 8]
+    cache = [fake.Tensor(shape=shape, dtype=fake.DataType.FLOAT16, device="ascend:1")
+             for _ in range(4)]
+    model.resize(model.get_inputs(), [[1], shape, [1], [1], shape])
+    ids = fake.Tensor(np.zeros(1, np.int32))
+    inputs = [ids, cache[0], ids, ids, cache[1]]
+    logits = fake.Tensor(shape=[1, 64], dtype=fake.DataType.FLOAT32)
+    with pytest.raises(RuntimeError, match="predict failed"):  # one output short
+        model.predict(inputs, outputs=[logits, cache[2]])
+    with pytest.raises(RuntimeError, match="does not match the graph's output"):
+        model.predict(inputs, outputs=[fake.Tensor(shape=[1, 32], dtype=fake.DataType.FLOAT32),
+                                       cache[2], cache[3]])
+    with pytest.raises(RuntimeError, match="both an input and an output"):
+        model.predict(inputs, outputs=[logits, cache[0], cache[1]])
+    other = fake.Tensor(shape=shape, dtype=fake.DataType.FLOAT16, device="ascend:0")
+    with pytest.raises(RuntimeError, match="ascend:0 given to a model on ascend:1"):
+        model.predict([ids, other, ids, ids, cache[1]], outputs=[logits, cache[2], cache[3]])
+    mark = len(fake.CALLS)
+    model.predict(inputs, outputs=[logits, cache[2], cache[3]])
+    assert not [c for c in fake.CALLS[mark:] if c[0] in ("upload", "download")]
+    cache[2].get_data_to_numpy()  # reading a device tensor on the host is a download
+    assert fake.CALLS[-1] == ("download", cache[2].tag, cache[2].data_size)
