@@ -27,7 +27,7 @@ CFG = config_from_hf_dict({
 BUCKETS = [16, 32, 64]
 
 
-def ascend_artifacts(root: Path, tp: int) -> Path:
+def ascend_artifacts(root: Path, tp: int, cache_mode: str = "window") -> Path:
     """Artifacts as `dsexport build --target ascend` lays them out (placeholder MindIR
     files: the fake runtime never parses them), with Lite configs from lite_stage."""
     require_shared()
@@ -38,17 +38,19 @@ def ascend_artifacts(root: Path, tp: int) -> Path:
             f.parent.mkdir(parents=True, exist_ok=True)
             f.write_bytes(b"placeholder")
             graphs.append({"rank": rank, "kind": kind, "file": f.relative_to(root).as_posix(),
-                           **graph_signature(kind, CFG, tp, "float16").to_dict()})
+                           **graph_signature(kind, CFG, tp, "float16", cache_mode).to_dict()})
     (root / "tokenizer").mkdir()
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(TOKENIZER_DIR / name, root / "tokenizer" / name)
     data = {"target": "ascend", "dtype": "bfloat16", "tp": tp, "model": CFG.to_dict(),
             "mindspore_version": "2.10.0",
-            "buckets": BUCKETS, "kv_cache": {"dtype": "float16", "max_seq_len": 64},
+            "buckets": BUCKETS,
+            "kv_cache": {"dtype": "float16", "max_seq_len": 64, "cache_mode": cache_mode},
             "graphs": graphs}
     result = lb.lite_stage(root, data, batch_sizes=(1, 2), env={"PATH": ""})
     lb.apply_lite_entries(graphs, result)
     data["lite"] = result["section"]
+    data["kv_cache"].update(result["kv_cache"])
     if tp > 1:  # fill the rank-table template as a user would on the host
         table = json.loads((root / "rank_table.json").read_text())
         for dev in table["server_list"][0]["device"]:
@@ -93,6 +95,29 @@ def test_ascend_device_generates_through_worker_processes(tmp_path, fake_lite_en
         assert r.token_ids == expected_tokens(p, 9)
     caches = sorted(p.name for p in (tmp_path / "ge-cache").glob("*/rank*"))
     assert caches == [f"rank{r}" for r in range(tp)]  # one GE compile cache per rank
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_resident_cache_generates_through_worker_processes(tmp_path, fake_lite_env,
+                                                           monkeypatch, capfd, tp):
+    """The device-resident cache (the Ascend default): 2 slots x 64 positions fixed at
+    build, requests sharing steps, a chunked prompt; the token-sum kernel reads every
+    row's whole sequence out of the cache pair it is given, so a write lost in the
+    ping-pong, into the wrong slot or by a padding row changes the tokens."""
+    monkeypatch.setenv("DSFLOW_FAKE_TP", str(tp))
+    art = ascend_artifacts(tmp_path / "art", tp, "resident")
+    prompts = [[3, 4, 5], [7] * 20, [9, 2]]  # 3 requests for 2 slots: one waits
+    with Engine(art, device="ascend", device_ids=list(range(tp))) as engine:
+        warm = capfd.readouterr().err
+        assert (engine.plan.slots, engine.plan.capacity, engine.plan.copies) == (2, 64, 2)
+        results = engine.generate(prompts, SamplingParams(max_new_tokens=9, ignore_eos=True))
+    for rank in range(tp):
+        assert f"rank {rank}: warm-up 2/2 (batch 2, cache 64)" in warm
+    for p, r in zip(prompts, results):
+        assert r.token_ids == expected_tokens(p, 9)
+    with pytest.raises(Exception, match="--max-batch 4: these artifacts keep the KV cache "
+                                        "on the device as 2 slots x 64 positions"):
+        Engine(art, device="ascend", device_ids=list(range(tp)), max_batch=4)
 
 
 def test_cpu_artifacts_refused_on_ascend_and_vice_versa(tmp_path, export_tiny):
