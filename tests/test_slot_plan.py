@@ -12,9 +12,11 @@ from dsflow.runtime.scheduler import DEFAULT_CACHE_MB, plan_slots
 from dsflow.runtime.slot_cache import CacheLimitError, SlotCache, batch_gears, gear
 
 
-def manifest(max_seq_len=4096, per_token=1024, buckets=None, lite=None):
+def manifest(max_seq_len=4096, per_token=1024, buckets=None, lite=None, cache_mode="window",
+             resident_shape=None):
     return SimpleNamespace(max_seq_len=max_seq_len, buckets=buckets,
-                           kv_bytes_per_token=per_token, lite=lite or {})
+                           kv_bytes_per_token=per_token, lite=lite or {},
+                           cache_mode=cache_mode, resident_shape=resident_shape)
 
 
 def test_slots_from_options():
@@ -39,6 +41,22 @@ def test_buckets_round_capacity_cap_slots_and_chunks():
     assert (plan.capacity, plan.slots, plan.prefill_chunk) == (1024, 4, 256)
     assert plan.window(0) == 512 and plan.window(513) == 1024 and plan.chunk_len(3) == 512
     assert plan_slots(manifest(buckets=[128, 4096]), prefill_chunk=300).prefill_chunk == 128
+
+
+def test_resident_cache_counts_two_copies_and_a_built_shape_is_pinned():
+    cpu = plan_slots(manifest(cache_mode="resident"), cache_mb=64)  # any shape, 2 copies
+    assert (cpu.slots, cpu.copies, cpu.cache_bytes) == (8, 2, 64 * 2**20)
+    assert "two copies" in cpu.describe()
+    built = manifest(buckets=[512, 4096], lite={"batch_sizes": [1, 4]},
+                     cache_mode="resident", resident_shape=(4, 4096))
+    plan = plan_slots(built, max_seq_len=4096, prefill_chunk=1000)  # restating is fine
+    assert (plan.slots, plan.capacity, plan.prefill_chunk, plan.copies) == (4, 4096, 512, 2)
+    for option, value in (("max_batch", 8), ("max_seq_len", 1024)):
+        with pytest.raises(DsflowError, match="4 slots x 4096 positions, fixed at build"):
+            plan_slots(built, **{option: value})
+    with pytest.raises(DsflowError, match="--cache-mb 16: the device-resident cache of "
+                                          "these artifacts needs 32 MiB"):
+        plan_slots(built, cache_mb=16)
 
 
 def test_requests_that_cannot_fit():
