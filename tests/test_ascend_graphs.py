@@ -52,7 +52,8 @@ INPUT_LAYOUT_BNSD = 1  # MindIR stores input_layout as an enum int (BSH 0, BNSD 
 SCATTER_REDUCE_UPDATE = 3
 
 
-def export_rank(root: Path, target: str, tp: int, rank: int) -> dict[str, Path]:
+def export_rank(root: Path, target: str, tp: int, rank: int,
+                cache_mode: str = "window") -> dict[str, Path]:
     """What export/pipeline/build.py does per rank, with seeded random weights instead of a
     checkpoint: RankModel(cfg, tp, dtype, target) + export_graph per graph kind."""
     from dsflow.export.pipeline.mindir import export_graph
@@ -64,8 +65,8 @@ def export_rank(root: Path, target: str, tp: int, rank: int) -> dict[str, Path]:
              for s in weight_specs(CFG))
     out = root / f"rank{rank}"
     out.mkdir(parents=True)
-    return {kind: export_graph(net, graph_signature(kind, CFG, tp, cache_dtype(target, dtype)),
-                               out / kind)
+    return {kind: export_graph(net, graph_signature(kind, CFG, tp, cache_dtype(target, dtype),
+                                                    cache_mode), out / kind)
             for kind in GRAPH_KINDS}
 
 
@@ -264,3 +265,54 @@ def test_bf16_weights_arrive_as_bit_patterns_and_load_exactly():
     t = to_tensor(bits, ms.bfloat16)
     assert t.dtype == ms.bfloat16
     np.testing.assert_array_equal(t.asnumpy().astype(np.float32), bf16_to_f32(bits))
+
+
+# ---- resident-cache graphs (the Ascend default; graphs/signatures.py) ------------------
+# Per graph and cache: the old values under the write indices (GatherNd), new or old
+# per entry (Select), the write (TensorScatterUpdate).
+RESIDENT_PLUMBING = {"TensorScatterUpdate": 2, "GatherNd": 2, "Select": 2}
+
+
+@pytest.fixture(scope="module")
+def resident_graphs(tmp_path_factory):
+    """(target, tp, kind) -> inspect dict of rank 0's resident-mode graph."""
+    import mindspore as ms
+    ms.set_context(mode=ms.GRAPH_MODE)
+    ms.set_device("CPU")
+    out = {}
+    for target, tp in (("ascend", 1), ("ascend", 2), ("cpu", 1)):
+        root = tmp_path_factory.mktemp(f"resident-{target}-tp{tp}")
+        for kind, path in export_rank(root, target, tp, 0, "resident").items():
+            out[target, tp, kind] = inspect_graph(path)
+    return out
+
+
+@pytest.mark.parametrize("target, tp", [("ascend", 1), ("ascend", 2), ("cpu", 1)])
+@pytest.mark.parametrize("kind", GRAPH_KINDS)
+def test_resident_graphs_export_with_the_resident_signature(resident_graphs, target, tp, kind):
+    """Ascend graphs: the same fused operators as the window graphs, plus the cache
+    plumbing shared with the portable set (plain Gather / GatherNd / TensorScatterUpdate,
+    graphs/model.py SlotWriter) and nothing else of the decomposed attention. Inputs
+    and outputs are the resident signature: the whole cache in and out."""
+    g = resident_graphs[target, tp, kind]
+    sig = graph_signature(kind, CFG, tp, cache_dtype(target, TARGET_DTYPES[target]),
+                          "resident").to_dict()
+    def shapes(tensors):  # the MindIR names outputs output0.. (the manifest names them)
+        return [(t["dtype"], [d if isinstance(d, int) else -1 for d in t["shape"]])
+                for t in tensors]
+    assert [t["name"] for t in g["inputs"]] == [t["name"] for t in sig["inputs"]]
+    assert shapes(g["inputs"]) == shapes(sig["inputs"])
+    assert shapes(g["outputs"]) == shapes(sig["outputs"])
+    assert shapes(g["outputs"])[1:] == [shapes(sig["inputs"])[1]] * 2  # the whole cache
+    ops = g["ops"]
+    writes = {"TensorScatterUpdate": 2, "GatherNd": 2}  # the portable attention selects too
+    assert {op: ops.get(op, 0) for op in writes} == writes
+    assert ops.get("Gather", 0) >= 2  # the slots' rows (and the embedding / last tokens)
+    if target == "ascend":
+        expected = FUSED_PREFILL if kind == "prefill" else FUSED_DECODE
+        assert {op: ops.get(op, 0) for op in expected} == expected
+        assert {op: ops.get(op, 0) for op in RESIDENT_PLUMBING} == RESIDENT_PLUMBING
+        left = (DECOMPOSED - set(RESIDENT_PLUMBING)) & set(ops)
+        assert not left, f"decomposed ops left: {left}"
+    else:
+        assert not ASCEND_ONLY & set(ops)
