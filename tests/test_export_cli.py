@@ -169,7 +169,7 @@ def test_ascend_build_writes_lite_configs_and_the_conversion_script(tiny_checkpo
     out = tmp_path / "asc"
     result = CliRunner().invoke(dsexport, ["build", "--model", str(tiny_checkpoint), "--tp", "2",
                                            "--target", "ascend", "--buckets", "64,128",
-                                           "--out", str(out)])
+                                           "--batch-sizes", "1,2", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert f"{out}/convert_for_ascend.sh" in result.output and ".tmp-" not in result.output
     m = read_manifest(out)
@@ -177,12 +177,17 @@ def test_ascend_build_writes_lite_configs_and_the_conversion_script(tiny_checkpo
                                                              [64, 128])
     for g in m.data["graphs"]:
         assert g["stage"] == "mindir" and (out / g["config"]).is_file()
-    assert "ge.dynamicDims=64,64;128,128" in (out / "rank1" / "decode.ini").read_text()
+    # the KV cache stays on the device: 2 slots (the largest batch gear) x 128 positions
+    # (the largest bucket), fixed; one gear per batch size
+    assert (m.cache_mode, m.resident_shape) == ("resident", (2, 128))
+    ini = (out / "rank1" / "decode.ini").read_text()
+    assert "key_cache:2,2,2,128,8;" in ini and "ge.dynamicDims=1,1,1;2,2,2\n" in ini
     assert (out / "rank_table.json").is_file() and (out / "convert_for_ascend.sh").is_file()
     m.verify()
 
 
 @pytest.mark.parametrize("args, message, status", [
+    (["--cache-mode", "paged"], "'paged' is not one of 'window', 'resident'", 2),
     (["--target", "cpu", "--dtype", "bfloat16"], "no CPU kernels for bf16", 1),
     (["--target", "cpu", "--dtype", "bf16"], "no CPU kernels for bf16", 1),
     (["--dtype", "int8"], "--dtype int8: unknown dtype", 2),  # invalid in itself: usage
