@@ -41,6 +41,20 @@ def test_buckets_round_capacity_cap_slots_and_chunks():
     assert plan_slots(manifest(buckets=[128, 4096]), prefill_chunk=300).prefill_chunk == 128
 
 
+def test_step_budget_leaves_decodes_their_share():
+    plan = plan_slots(manifest(), max_step_tokens=64)
+    assert plan.prefill_budget(0) == 256  # nothing decodes: the whole chunk
+    assert plan.prefill_budget(8) == 48   # 64 - 8 = 56, in whole 16-token units
+    assert plan.prefill_budget(60) == 16  # prompts always progress
+    assert plan_slots(manifest(), max_step_tokens=1000).prefill_budget(8) == 256
+    assert plan_slots(manifest(), prefill_chunk=8).prefill_budget(3) == 8
+    bucketed = plan_slots(manifest(buckets=[128, 4096]), max_step_tokens=16)
+    assert bucketed.prefill_budget(8) == 128  # the prefill graphs' one seq gear
+    assert "64 tokens per step while decoding" in plan_slots(manifest()).describe()
+    with pytest.raises(DsflowError, match="--max-step-tokens 0: must be >= 1"):
+        plan_slots(manifest(), max_step_tokens=0)
+
+
 def test_requests_that_cannot_fit():
     plan = plan_slots(manifest(max_seq_len=64), max_batch=2)
     plan.check_fits(60, SamplingParams(max_new_tokens=4))
