@@ -80,6 +80,16 @@ def test_slot_cache_windows_writes_and_copies():
     assert np.array_equal(k[:, 0, :, 1:4], key[:, 0]) and not k[:, 0, :, [0, 4]].any()
     assert not k[:, 1:].any() and np.array_equal(v, -k)  # slot 0 and padding rows: zeros
     cache.copy(2, [1], length=4)
-    assert np.array_equal(cache.window(np.array([1]), 4, 1)[0], cache.window(np.array([2]), 4, 1)[0])
+    copied = cache.window(np.array([1]), 4, 1)[0].copy()
+    assert copied.any() and np.array_equal(copied, cache.window(np.array([2]), 4, 1)[0])
+    # a caller's buffers are reused by its next window of the same shape: refilled,
+    # padding rows zeroed again, and other callers' windows untouched
+    decode = cache.window(np.array([2, 0]), kv_len=5, rows=4, caller="decode")[0]
+    prefill = cache.window(np.array([0]), kv_len=5, rows=4, caller="prefill")[0]
+    again = cache.window(np.array([0, 2, 1]), kv_len=5, rows=4, caller="decode")[0]
+    assert again is decode and np.array_equal(again[:, 1], k[:, 0]) and not again[:, 3].any()
+    assert np.array_equal(cache.window(np.array([1]), 5, 4, caller="decode")[0][:, 0], k[:, 0])
+    assert not cache.window(np.array([1]), 5, 4, caller="decode")[0][:, 1:].any()
+    assert not prefill.any() and prefill is not decode
     with pytest.raises(ValueError, match="beyond the slot capacity 8"):
         cache.write(np.array([0]), np.array([7]), np.array([2]), key[:, :, :, :2], key[:, :, :, :2])
