@@ -95,7 +95,7 @@ def main(artifacts: Path, prompts: tuple[str, ...], max_new_tokens: int, tempera
          top_k: int, top_p: float, seed: Optional[int], stops: tuple[str, ...],
          stop_token_ids: tuple[int, ...], n: int, chat: bool, suffix: Optional[str],
          max_batch: Optional[int], max_seq_len: Optional[int], cache_mb: Optional[float],
-         prefill_chunk: Optional[int], as_json: bool, verify: bool, device: Optional[str],
+         prefill_chunk: Optional[int], max_step_tokens: Optional[int], as_json: bool, verify: bool, device: Optional[str],
          devices: Optional[str], allow_version_mismatch: bool, score_file: Optional[Path],
          score_window: Optional[int], quiet: bool,
          verbose: bool) -> None:
@@ -113,7 +113,7 @@ def main(artifacts: Path, prompts: tuple[str, ...], max_new_tokens: int, tempera
     engine_args = dict(artifacts=artifacts, verify=verify, device=device, devices=devices,
                        allow_version_mismatch=allow_version_mismatch, max_batch=max_batch,
                        max_seq_len=max_seq_len, cache_mb=cache_mb, prefill_chunk=prefill_chunk,
-                       verbose=verbose)
+                       max_step_tokens=max_step_tokens, verbose=verbose)
     if score_file is not None:
         _score(score_file, score_window, as_json, engine_args)
         return

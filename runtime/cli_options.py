@@ -33,8 +33,14 @@ ENGINE_OPTIONS = (
     click.option("--cache-mb", type=float, default=None,
                  help="KV cache budget per rank in MiB; sets how many sequences fit."),
     click.option("--prefill-chunk", type=int, default=None,
-                 help="Prompt tokens prefilled per step (default 256); long prompts take "
-                      "several steps, interleaved with decoding."),
+                 help="Prompt tokens prefilled per step when nothing decodes (default "
+                      "256); long prompts take several steps."),
+    click.option("--max-step-tokens", type=int, default=None,
+                 help="Tokens per step while sequences decode (default 64): each decoding "
+                      "sequence counts 1 and prompts are prefilled in what is left (at least "
+                      "16), so a new request never stalls the running streams for a whole "
+                      "chunk. Larger: more throughput and sooner first tokens for new "
+                      "requests; smaller: steadier streaming."),
 )
 
 
@@ -53,7 +59,8 @@ def apply_version_override(allow_version_mismatch: bool) -> None:
 
 
 def open_engine(*, artifacts: Path, verify: bool, device, devices, allow_version_mismatch: bool,
-                max_batch, max_seq_len, cache_mb, prefill_chunk, verbose: bool, **extra):
+                max_batch, max_seq_len, cache_mb, prefill_chunk, max_step_tokens,
+                verbose: bool, **extra):
     """The Engine the shared options describe (`extra`: further Engine arguments), so
     that every mode of a command honours all of them."""
     from dsflow.common.options import int_list
@@ -62,4 +69,4 @@ def open_engine(*, artifacts: Path, verify: bool, device, devices, allow_version
     return Engine(artifacts, verbose=verbose, verify=verify, device=device,
                   device_ids=int_list(devices, "--devices"), max_batch=max_batch,
                   max_seq_len=max_seq_len, cache_mb=cache_mb, prefill_chunk=prefill_chunk,
-                  **extra)
+                  max_step_tokens=max_step_tokens, **extra)

@@ -72,13 +72,15 @@ class Engine:
                  verify: bool = False, device: Optional[str] = None,
                  device_ids: Optional[Sequence[int]] = None, max_batch: Optional[int] = None,
                  max_seq_len: Optional[int] = None, cache_mb: Optional[float] = None,
-                 prefill_chunk: Optional[int] = None, max_queue: Optional[int] = None,
-                 scheduling: str = "continuous"):
+                 prefill_chunk: Optional[int] = None, max_step_tokens: Optional[int] = None,
+                 max_queue: Optional[int] = None, scheduling: str = "continuous"):
         """device: "cpu" or "ascend" (default: what the artifacts were built for);
         device_ids: the card of each rank on Ascend (default 0..tp-1).
         max_batch / max_seq_len / cache_mb: how many sequences the KV cache holds at once
         and how long each may grow (see `plan_slots`); prefill_chunk: prompt tokens fed
-        per step (long prompts take several steps, interleaved with decoding);
+        per step when nothing decodes (long prompts take several steps);
+        max_step_tokens: tokens per step while sequences decode, decodes first and
+        prompt chunks in the rest (`SlotPlan.prefill_budget`);
         max_queue: waiting requests beyond which `submit` raises QueueFullError;
         scheduling: "continuous" (join and leave the running batch at every step) or
         "static" (one batch at a time: admit only when nothing runs; for comparison)."""
@@ -98,7 +100,7 @@ class Engine:
         self.default_params = self.generation.default_params()
         self.model_name = self.manifest.model_name
         self.plan: SlotPlan = plan_slots(self.manifest, max_batch, max_seq_len, cache_mb,
-                                         prefill_chunk)
+                                         prefill_chunk, max_step_tokens)
         self.scheduling = scheduling
         self.max_queue = max_queue
         self._options = dict(verbose=verbose, device_ids=device_ids)
@@ -117,13 +119,14 @@ class Engine:
                                verbose=self._options["verbose"], device=self.device,
                                device_ids=self._options["device_ids"]).start()
         try:
-            self.cluster.request("configure", {"slots": self.plan.slots,
-                                               "capacity": self.plan.capacity})
+            replies = self.cluster.request("configure", {"slots": self.plan.slots,
+                                                         "capacity": self.plan.capacity})
         except BaseException:
             self.cluster.close()
             raise
         self.scheduler = Scheduler(self.cluster, self.plan, self.tokenizer, self.manifest,
-                                   self.scheduling, self._cond)
+                                   self.scheduling, self._cond,
+                                   copy_slot=all(r.get("copy_slot", True) for r in replies))
         with self._cond:
             self._state, self._detail = "ready", ""
         self._thread = threading.Thread(target=self._run, name="dsflow-engine", daemon=True)

@@ -6,13 +6,22 @@ One engine thread runs `Scheduler.run`; it alone talks to the cluster. Each iter
 3. waiting requests are admitted in FIFO order while slots are free (a request of n
    samples needs n slots); with scheduling="static" only when nothing runs, which is
    the old one-batch-at-a-time behaviour, kept for comparison;
-4. one prefill step: the next chunk (at most `prefill_chunk` prompt tokens in all) of
-   the admitted prompts, oldest first; a prompt whose last chunk ran gets its first
-   token sampled (its n samples copy its slot first) and joins the decode batch;
+4. one prefill step: the next chunk of the admitted prompts, oldest first: at most
+   `prefill_chunk` prompt tokens in all when nothing decodes; while sequences decode,
+   what the step-token budget leaves after them (`SlotPlan.prefill_budget`); a prompt
+   whose last chunk ran gets its first token sampled (its n samples copy its slot
+   first) and joins the decode batch;
 5. one decode step for every sequence with a token to feed; finished sequences leave
    in the same step.
-So a long prompt delays the running decodes by one chunk per step, never by its whole
-prefill, and a new request waits at most one step to start.
+So a long prompt delays the running decodes by one bounded chunk per step, never by its
+whole prefill, and a new request waits at most one step to start.
+
+The step-token budget is Sarathi-Serve's stall-free batching (vLLM's
+max_num_batched_tokens, decodes scheduled first): on a CPU a step costs roughly its
+token count, so a 256-token chunk landing among running decodes made that step's
+inter-token gap 8x a decode step's (docs/BENCHMARKS.md, "Serving"). With the budget
+the prefill work is spread over many steps: every gap grows a little instead of a few
+growing a lot, and the idle engine still prefills whole chunks for a fast first token.
 """
 from __future__ import annotations
 
@@ -41,6 +50,8 @@ DEFAULT_MAX_BATCH = 8
 # least one slot): 8 x 16K tokens of a 1.3B fp32 model would be 51 GiB of address space.
 DEFAULT_CACHE_MB = 4096
 DEFAULT_PREFILL_CHUNK = 256
+# Tokens per step (decodes + prefill) while sequences decode; see prefill_budget.
+DEFAULT_STEP_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -52,6 +63,7 @@ class SlotPlan:
     prefill_chunk: int
     bytes_per_token: int  # per rank, keys and values
     buckets: Optional[tuple[int, ...]] = None
+    step_tokens: int = DEFAULT_STEP_TOKENS
     copies: int = 1  # 2 for a resident cache: the graphs' input and output pairs
 
     @property
@@ -62,7 +74,19 @@ class SlotPlan:
         copies = " (two copies: resident ping-pong)" if self.copies == 2 else ""
         return (f"KV cache: {self.slots} sequences x {self.capacity} tokens = "
                 f"{self.cache_bytes / 2**20:.0f} MiB per rank{copies}; prefill chunk "
-                f"{self.prefill_chunk} tokens")
+                f"{self.prefill_chunk} tokens, {self.step_tokens} tokens per step while "
+                "decoding")
+
+    def prefill_budget(self, decoding: int) -> int:
+        """Prompt tokens one step may prefill while `decoding` sequences decode: the
+        whole chunk when none do; else what the step budget leaves after the decodes,
+        in whole SEQ_ALIGN units (a chunk is padded to one anyway), and at least one
+        unit so that prompts always progress. With shape buckets (Ascend) the chunk is
+        the prefill graphs' one seq gear, so the budget does not apply."""
+        if decoding == 0 or self.buckets:
+            return self.prefill_chunk
+        left = (self.step_tokens - decoding) // SEQ_ALIGN * SEQ_ALIGN
+        return min(self.prefill_chunk, max(SEQ_ALIGN, left))
 
     def check_fits(self, prompt_len: int, params: SamplingParams) -> None:
         need = prompt_len + params.max_new_tokens
@@ -86,14 +110,18 @@ class SlotPlan:
 
 def plan_slots(manifest: Manifest, max_batch: Optional[int] = None,
                max_seq_len: Optional[int] = None, cache_mb: Optional[float] = None,
-               prefill_chunk: Optional[int] = None) -> SlotPlan:
+               prefill_chunk: Optional[int] = None,
+               max_step_tokens: Optional[int] = None) -> SlotPlan:
     """Slots and capacity from the options: capacity = --max-seq-len (default and limit:
     the artifacts' max_seq_len); slots = --max-batch, or as many as --cache-mb holds
     (both: the smaller), default 8 within DEFAULT_CACHE_MB. With shape buckets (Ascend)
     the capacity is rounded up to a bucket, slots are capped by the largest batch gear
-    and chunks by the smallest bucket (export/pipeline/lite_build.py gears)."""
+    and chunks by the smallest bucket (export/pipeline/lite_build.py gears). A resident
+    cache counts twice (input and output pairs); one built for GE has its slots and
+    capacity fixed (`_pinned_plan`)."""
     if manifest.resident_shape:
-        return _pinned_plan(manifest, max_batch, max_seq_len, cache_mb, prefill_chunk)
+        return _pinned_plan(manifest, max_batch, max_seq_len, cache_mb, prefill_chunk,
+                            max_step_tokens)
     copies = 2 if manifest.cache_mode == RESIDENT else 1
     limit = manifest.max_seq_len
     capacity = max_seq_len or limit
@@ -120,7 +148,7 @@ def plan_slots(manifest: Manifest, max_batch: Optional[int] = None,
     if gears:
         slots = min(slots, max(gears))
     return SlotPlan(slots, capacity, _chunk(prefill_chunk, buckets), manifest.kv_bytes_per_token,
-                    buckets, copies)
+                    buckets, _step(max_step_tokens), copies)
 
 
 def _chunk(prefill_chunk: Optional[int], buckets: Optional[tuple[int, ...]]) -> int:
@@ -133,7 +161,8 @@ def _chunk(prefill_chunk: Optional[int], buckets: Optional[tuple[int, ...]]) -> 
 
 
 def _pinned_plan(manifest: Manifest, max_batch: Optional[int], max_seq_len: Optional[int],
-                 cache_mb: Optional[float], prefill_chunk: Optional[int]) -> SlotPlan:
+                 cache_mb: Optional[float], prefill_chunk: Optional[int],
+                 max_step_tokens: Optional[int]) -> SlotPlan:
     """A resident cache built for GE has its slots and capacity fixed in the graphs
     (export/pipeline/lite_build.py resident_dims): options may restate them, not change
     them, and --cache-mb may only refuse them."""
@@ -147,12 +176,19 @@ def _pinned_plan(manifest: Manifest, max_batch: Optional[int], max_seq_len: Opti
                               f"build {fixed}")
     buckets = tuple(manifest.buckets) if manifest.buckets else None
     plan = SlotPlan(slots, capacity, _chunk(prefill_chunk, buckets),
-                    manifest.kv_bytes_per_token, buckets, copies=2)
+                    manifest.kv_bytes_per_token, buckets, _step(max_step_tokens), copies=2)
     if cache_mb is not None and plan.cache_bytes > cache_mb * 2**20:
         raise DsflowError(f"--cache-mb {cache_mb}: the device-resident cache of these "
                           f"artifacts needs {plan.cache_bytes / 2**20:.0f} MiB per rank "
                           f"({slots} slots x {capacity} positions, two copies) {fixed}")
     return plan
+
+
+def _step(max_step_tokens: Optional[int]) -> int:
+    step = DEFAULT_STEP_TOKENS if max_step_tokens is None else max_step_tokens
+    if step < 1:
+        raise DsflowError(f"--max-step-tokens {step}: must be >= 1")
+    return step
 
 
 @dataclass
@@ -191,8 +227,12 @@ class _Job:
 
 class Scheduler:
     def __init__(self, cluster: Cluster, plan: SlotPlan, tokenizer, manifest: Manifest,
-                 scheduling: str, cond: threading.Condition):
+                 scheduling: str, cond: threading.Condition, copy_slot: bool = True):
+        """copy_slot: whether the workers can copy one slot's K/V into others (n samples
+        sharing one prefill); a backend whose cache only its graphs can write (Lite,
+        device-resident) says no, and each sample's slot is prefilled instead."""
         self.cluster, self.plan, self.tokenizer = cluster, plan, tokenizer
+        self.copy_slot = copy_slot
         self.static = scheduling == "static"
         self.cond = cond
         cfg = manifest.config
@@ -341,7 +381,8 @@ class Scheduler:
             "kv_len": self.plan.window(max(positions) + 1)})
 
     def _prefill_step(self) -> None:
-        rows, budget = [], self.plan.prefill_chunk
+        decoding = sum(1 for r in self.active for s in r.seqs if s.pending is not None)
+        rows, budget = [], self.plan.prefill_budget(decoding)
         for r in self.active:
             if not r.prefilling:
                 continue
@@ -352,15 +393,24 @@ class Scheduler:
             budget -= take
         if not rows:
             return
-        logits = self.run_prefill([(r.seqs[0].slot, r.prompt[r.prefilled:r.prefilled + take],
-                                    r.prefilled) for r, take in rows])
-        for (r, take), row in zip(rows, logits):
+        batch, first_row = [], []
+        for r, take in rows:
+            first_row.append(len(batch))
+            chunk = r.prompt[r.prefilled:r.prefilled + take]
+            batch += [(s.slot, chunk, r.prefilled) for s in self._prefill_seqs(r)]
+        logits = self.run_prefill(batch)
+        for (r, take), i in zip(rows, first_row):
             r.prefilled += take
             if not r.prefilling:
-                self._first_tokens(r, row)
+                self._first_tokens(r, logits[i])
+
+    def _prefill_seqs(self, r: _Request) -> list[_Sequence]:
+        """The sequences whose slots a prompt chunk is written into: the first (the
+        others copy its slot at the end), or every sample without copy_slot."""
+        return r.seqs[:1] if self.copy_slot else r.seqs
 
     def _first_tokens(self, r: _Request, row: np.ndarray) -> None:
-        if len(r.seqs) > 1:  # the other samples share the prompt's K/V
+        if len(r.seqs) > 1 and self.copy_slot:  # the other samples share the prompt's K/V
             self.cluster.request("copy_slot", {"src": r.seqs[0].slot, "length": len(r.prompt),
                                                "dst": [s.slot for s in r.seqs[1:]]})
         now = time.perf_counter()

@@ -132,13 +132,14 @@ class SlotBackend:
             "input_ids": pad_rows(input_ids, rows, 0), "slot_ids": slots,
             "positions": pad_rows(positions, rows, PAD_POSITION)})[:n]
 
-    def _window(self, slot_ids: np.ndarray, lengths: np.ndarray, kv_len: int, rows: int):
+    def _window(self, slot_ids: np.ndarray, lengths: np.ndarray, kv_len: int, rows: int,
+                kind: str):
         if self.cache is None:
             raise RuntimeError("no slot cache: configure before prefill/decode")
         if len(lengths) and int(lengths.max()) > kv_len:
             raise ValueError(f"kv_len {kv_len} is shorter than a row's {int(lengths.max())} "
                              "cached positions")
-        return self.cache.window(slot_ids, kv_len, rows)
+        return self.cache.window(slot_ids, kv_len, rows, kind)
 
     def prefill(self, slot_ids: np.ndarray, input_ids: np.ndarray, start: np.ndarray,
                 valid_length: np.ndarray, kv_len: int) -> np.ndarray:
@@ -146,7 +147,7 @@ class SlotBackend:
             return self._prefill_resident(slot_ids, input_ids, start, valid_length)
         n = input_ids.shape[0]
         rows = gear(n, self.row_gears, 1, "batch")
-        key, value = self._window(slot_ids, start, kv_len, rows)
+        key, value = self._window(slot_ids, start, kv_len, rows, "prefill")
         logits, k_new, v_new = self._run("prefill", self._inputs("prefill", {
             "input_ids": pad_rows(input_ids, rows, 0), "start": pad_rows(start, rows, 0),
             "valid_length": pad_rows(valid_length, rows, 1), "key_window": key,
@@ -160,7 +161,7 @@ class SlotBackend:
             return self._decode_resident(slot_ids, input_ids, positions)
         n = input_ids.shape[0]
         rows = gear(n, self.row_gears, 1, "batch")
-        key, value = self._window(slot_ids, positions, kv_len, rows)
+        key, value = self._window(slot_ids, positions, kv_len, rows, "decode")
         logits, k_new, v_new = self._run("decode", self._inputs("decode", {
             "input_ids": pad_rows(input_ids, rows, 0), "positions": pad_rows(positions, rows, 0),
             "key_window": key, "value_window": value}))

@@ -81,6 +81,39 @@ def test_seeded_sampling_is_reproducible_whatever_shares_the_batch(small_engine_
                                                      top_k=40, seed=1234, n=2,
                                                      ignore_eos=True))
     assert [c.token_ids for c in again.result(timeout=T)] == pair
+    # a backend that cannot copy slots (Lite's device-resident cache) prefills each
+    # sample's slot instead: the same samples
+    engine.scheduler.copy_slot = False
+    try:
+        prefilled = engine.submit(PROMPTS[0], SamplingParams(
+            max_new_tokens=16, temperature=0.9, top_k=40, seed=1234, n=2, ignore_eos=True))
+        assert [c.token_ids for c in prefilled.result(timeout=T)] == pair
+    finally:
+        engine.scheduler.copy_slot = True
+
+
+def test_prompt_arriving_among_decodes_is_prefilled_within_the_step_budget(engine_for):
+    engine = engine_for(1)  # prefill chunk 256, 64 tokens per step while decoding
+    prompt = engine.encode(PROMPTS[1] * 3)  # 60 tokens
+    alone = tokens(engine.submit(prompt, GREEDY))
+    chunks: list[list[int]] = []
+    run_prefill = engine.scheduler.run_prefill
+
+    def recording(rows):
+        chunks.append([len(t) for _, t, _ in rows])
+        return run_prefill(rows)
+    engine.scheduler.run_prefill = recording
+    try:
+        busy = engine.submit(PROMPTS[0], SamplingParams(max_new_tokens=60, ignore_eos=True))
+        reading = first_events(busy, 2)  # decoding now
+        assert tokens(engine.submit(prompt, GREEDY)) == alone
+        busy.cancel()
+        del reading
+    finally:
+        del engine.scheduler.run_prefill
+    budget = engine.plan.prefill_budget(1)
+    assert budget < len(prompt) <= sum(map(sum, chunks))
+    assert max(map(sum, chunks[1:])) <= budget  # chunks[0]: `busy` alone, nothing decoded
 
 
 def test_chunked_prefill_logits_equal_unchunked(small_engine_for):

@@ -59,6 +59,20 @@ def test_resident_cache_counts_two_copies_and_a_built_shape_is_pinned():
         plan_slots(built, cache_mb=16)
 
 
+def test_step_budget_leaves_decodes_their_share():
+    plan = plan_slots(manifest(), max_step_tokens=64)
+    assert plan.prefill_budget(0) == 256  # nothing decodes: the whole chunk
+    assert plan.prefill_budget(8) == 48   # 64 - 8 = 56, in whole 16-token units
+    assert plan.prefill_budget(60) == 16  # prompts always progress
+    assert plan_slots(manifest(), max_step_tokens=1000).prefill_budget(8) == 256
+    assert plan_slots(manifest(), prefill_chunk=8).prefill_budget(3) == 8
+    bucketed = plan_slots(manifest(buckets=[128, 4096]), max_step_tokens=16)
+    assert bucketed.prefill_budget(8) == 128  # the prefill graphs' one seq gear
+    assert "64 tokens per step while decoding" in plan_slots(manifest()).describe()
+    with pytest.raises(DsflowError, match="--max-step-tokens 0: must be >= 1"):
+        plan_slots(manifest(), max_step_tokens=0)
+
+
 def test_requests_that_cannot_fit():
     plan = plan_slots(manifest(max_seq_len=64), max_batch=2)
     plan.check_fits(60, SamplingParams(max_new_tokens=4))
@@ -84,6 +98,16 @@ def test_slot_cache_windows_writes_and_copies():
     assert np.array_equal(k[:, 0, :, 1:4], key[:, 0]) and not k[:, 0, :, [0, 4]].any()
     assert not k[:, 1:].any() and np.array_equal(v, -k)  # slot 0 and padding rows: zeros
     cache.copy(2, [1], length=4)
-    assert np.array_equal(cache.window(np.array([1]), 4, 1)[0], cache.window(np.array([2]), 4, 1)[0])
+    copied = cache.window(np.array([1]), 4, 1)[0].copy()
+    assert copied.any() and np.array_equal(copied, cache.window(np.array([2]), 4, 1)[0])
+    # a caller's buffers are reused by its next window of the same shape: refilled,
+    # padding rows zeroed again, and other callers' windows untouched
+    decode = cache.window(np.array([2, 0]), kv_len=5, rows=4, caller="decode")[0]
+    prefill = cache.window(np.array([0]), kv_len=5, rows=4, caller="prefill")[0]
+    again = cache.window(np.array([0, 2, 1]), kv_len=5, rows=4, caller="decode")[0]
+    assert again is decode and np.array_equal(again[:, 1], k[:, 0]) and not again[:, 3].any()
+    assert np.array_equal(cache.window(np.array([1]), 5, 4, caller="decode")[0][:, 0], k[:, 0])
+    assert not cache.window(np.array([1]), 5, 4, caller="decode")[0][:, 1:].any()
+    assert not prefill.any() and prefill is not decode
     with pytest.raises(ValueError, match="beyond the slot capacity 8"):
         cache.write(np.array([0]), np.array([7]), np.array([2]), key[:, :, :, :2], key[:, :, :, :2])

@@ -98,6 +98,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=2, help="requests per client, in a row")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prefill-chunk", type=int, default=None)
+    p.add_argument("--max-step-tokens", type=int, default=None)
     p.add_argument("--modes", default="continuous,static")
     p.add_argument("--rounds", type=int, default=1,
                    help="measure every (clients, mode) this many times, interleaved")
@@ -115,7 +116,7 @@ def main() -> None:
         build(BuildOptions(model_dir=ckpt, out=art, tp=1, max_seq_len=1024))
     modes = args.modes.split(",")
     engines = {m: Engine(art, max_batch=max(clients), prefill_chunk=args.prefill_chunk,
-                         scheduling=m) for m in modes}
+                         max_step_tokens=args.max_step_tokens, scheduling=m) for m in modes}
     print(engines[modes[0]].plan.describe(), flush=True)
     raw: dict = {(m, n): [] for m in modes for n in clients}
     try:

@@ -105,7 +105,8 @@ def check_options(host: str, api_key: Optional[str], minimums: dict[str, tuple[i
 def main(artifacts: Path, host: str, port: int, api_key: Optional[str],
          served_model_name: Optional[str], device: Optional[str], devices: Optional[str],
          allow_version_mismatch: bool, verify: bool, max_batch: Optional[int], max_seq_len: Optional[int],
-         cache_mb: Optional[float], prefill_chunk: Optional[int], max_queue: int,
+         cache_mb: Optional[float], prefill_chunk: Optional[int],
+         max_step_tokens: Optional[int], max_queue: int,
          max_prompts: int, max_body_kb: int, request_timeout: float, shutdown_timeout: float,
          max_restarts: int, restart_backoff: float, access_log: bool, verbose: bool) -> None:
     """Serve an OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions,
@@ -132,7 +133,8 @@ def main(artifacts: Path, host: str, port: int, api_key: Optional[str],
     try:
         engine = Engine(artifacts, verbose=verbose, verify=verify, device=device,
                         device_ids=device_ids, max_batch=max_batch, max_seq_len=max_seq_len,
-                        cache_mb=cache_mb, prefill_chunk=prefill_chunk, max_queue=max_queue)
+                        cache_mb=cache_mb, prefill_chunk=prefill_chunk,
+                        max_step_tokens=max_step_tokens, max_queue=max_queue)
     except BaseException:
         sock.close()
         raise
