@@ -111,6 +111,11 @@ def test_resident_cache_generates_through_worker_processes(tmp_path, fake_lite_e
         warm = capfd.readouterr().err
         assert (engine.plan.slots, engine.plan.capacity, engine.plan.copies) == (2, 64, 2)
         results = engine.generate(prompts, SamplingParams(max_new_tokens=9, ignore_eos=True))
+        # n = 2: no device-side slot copy (configure says so), each sample is prefilled
+        assert engine.scheduler.copy_slot is False
+        samples = engine.submit([5, 6], SamplingParams(max_new_tokens=4, n=2,
+                                                       ignore_eos=True)).result(timeout=60)
+    assert [c.token_ids for c in samples] == [expected_tokens([5, 6], 4)] * 2
     for rank in range(tp):
         assert f"rank {rank}: warm-up 2/2 (batch 2, cache 64)" in warm
     for p, r in zip(prompts, results):
