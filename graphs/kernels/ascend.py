@@ -22,8 +22,11 @@ has the mapping table and the reasons for each choice.
   cache window at positions[b] (axis -2 of BNSD; the runtime passes kv_len >
   positions), then IncreFlashAttention attends over it with a padding mask
   [b, 1, 1, kv_len] (True = slot > positions[b]) and actual_seq_lengths = positions + 1
-  (lets the kernel stop early). Only the new K/V leave the graph; the worker writes
-  them into its slots (graphs/signatures.py).
+  (lets the kernel stop early). In window mode only the new K/V leave the graph and
+  the worker writes them into its slots; in resident mode (the Ascend default) the
+  "window" is the batch's slots gathered from the whole device-resident cache and the
+  new K/V are scattered into it by plain ops shared with the portable set
+  (graphs/model.py SlotWriter; graphs/signatures.py).
 """
 from __future__ import annotations
 
