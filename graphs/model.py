@@ -184,55 +184,58 @@ class RankModel(nn.Cell):
     def logits(self, x):
         return self.lm_head(self.model.norm(x)).astype(ms.float32)
 
+    def prefill_forward(self, input_ids, key_window, start, valid_length, value_window):
+        """The prefill computation over a window (both cache modes): logits of each row's
+        last real token, and the chunk's K/V [layers, b, kv_heads, s, hd].
+
+        A method, not a free function taking the model: MindSpore caches a parsed free
+        function across calls, and one shared by the portable and Ascend models resolved
+        the second model's kernels to the first's (seen exporting both in one process)."""
+        seq = ops.shape(input_ids)[1]
+        pos = iota_like(input_ids[0])
+        mask = self.attention.prefill_mask(pos)
+        positions = ops.expand_dims(start, 1) + ops.expand_dims(pos, 0)  # [b, s]
+        cos, sin = self.rotary.cos_sin(positions)  # [b, s, 1, hd]
+        ctx = self.attention.window_context(key_window, value_window, start)
+        x = self.model.embed_tokens(ops.reshape(input_ids, (-1,)))
+        keys = ()
+        values = ()
+        i = 0
+        for layer in self.model.layers:
+            k_past, v_past = self.attention.layer_cache(ctx, i)
+            x, k, v = layer.prefill(x, seq, self.rotary, cos, sin, self.attention, k_past, v_past,
+                                    ctx, mask)
+            keys = keys + (k,)
+            values = values + (v,)
+            i = i + 1
+        logits = self.logits(ops.gather(x, last_token_rows(valid_length, seq), 0))
+        key, value = self.attention.window_end(keys, values)
+        return logits, key, value
+
+
+    def decode_forward(self, input_ids, key_window, positions, value_window):
+        """The decode computation over a window (both cache modes): logits and the token's
+        K/V [layers, b, kv_heads, 1, hd]."""
+        ctx = self.attention.window_context(key_window, value_window, positions)
+        cos, sin = self.rotary.cos_sin(ops.expand_dims(positions, 1))  # [b, 1, 1, hd]
+        x = self.model.embed_tokens(input_ids)
+        keys = ()
+        values = ()
+        i = 0
+        for layer in self.model.layers:
+            k_past, v_past = self.attention.layer_cache(ctx, i)
+            x, k, v = layer.decode(x, self.rotary, cos, sin, self.attention, k_past, v_past, ctx)
+            keys = keys + (k,)
+            values = values + (v,)
+            i = i + 1
+        key, value = self.attention.window_end(keys, values)
+        return self.logits(x), key, value
+
 
 def last_token_rows(valid_length, seq):
     """Row of each prompt's last real token in the flattened [batch * seq] activations:
     b * seq + valid_length[b] - 1, in int32 like every index (never the compute dtype)."""
     return iota_like(valid_length) * seq + valid_length - 1
-
-
-def prefill_forward(m, input_ids, key_window, start, valid_length, value_window):
-    """The prefill computation over a window (both cache modes): logits of each row's
-    last real token, and the chunk's K/V [layers, b, kv_heads, s, hd]."""
-    seq = ops.shape(input_ids)[1]
-    pos = iota_like(input_ids[0])
-    mask = m.attention.prefill_mask(pos)
-    positions = ops.expand_dims(start, 1) + ops.expand_dims(pos, 0)  # [b, s]
-    cos, sin = m.rotary.cos_sin(positions)  # [b, s, 1, hd]
-    ctx = m.attention.window_context(key_window, value_window, start)
-    x = m.model.embed_tokens(ops.reshape(input_ids, (-1,)))
-    keys = ()
-    values = ()
-    i = 0
-    for layer in m.model.layers:
-        k_past, v_past = m.attention.layer_cache(ctx, i)
-        x, k, v = layer.prefill(x, seq, m.rotary, cos, sin, m.attention, k_past, v_past,
-                                ctx, mask)
-        keys = keys + (k,)
-        values = values + (v,)
-        i = i + 1
-    logits = m.logits(ops.gather(x, last_token_rows(valid_length, seq), 0))
-    key, value = m.attention.window_end(keys, values)
-    return logits, key, value
-
-
-def decode_forward(m, input_ids, key_window, positions, value_window):
-    """The decode computation over a window (both cache modes): logits and the token's
-    K/V [layers, b, kv_heads, 1, hd]."""
-    ctx = m.attention.window_context(key_window, value_window, positions)
-    cos, sin = m.rotary.cos_sin(ops.expand_dims(positions, 1))  # [b, 1, 1, hd]
-    x = m.model.embed_tokens(input_ids)
-    keys = ()
-    values = ()
-    i = 0
-    for layer in m.model.layers:
-        k_past, v_past = m.attention.layer_cache(ctx, i)
-        x, k, v = layer.decode(x, m.rotary, cos, sin, m.attention, k_past, v_past, ctx)
-        keys = keys + (k,)
-        values = values + (v,)
-        i = i + 1
-    key, value = m.attention.window_end(keys, values)
-    return m.logits(x), key, value
 
 
 class PrefillGraph(nn.Cell):
@@ -250,8 +253,8 @@ class PrefillGraph(nn.Cell):
         self.net = net
 
     def construct(self, input_ids, key_window, start, valid_length, value_window):
-        return prefill_forward(self.net, input_ids, key_window, start, valid_length,
-                               value_window)
+        return self.net.prefill_forward(input_ids, key_window, start, valid_length,
+                                        value_window)
 
 
 class DecodeGraph(nn.Cell):
@@ -268,7 +271,7 @@ class DecodeGraph(nn.Cell):
         self.net = net
 
     def construct(self, input_ids, key_window, positions, value_window):
-        return decode_forward(self.net, input_ids, key_window, positions, value_window)
+        return self.net.decode_forward(input_ids, key_window, positions, value_window)
 
 
 class SlotWriter(nn.Cell):
@@ -331,9 +334,9 @@ class ResidentPrefillGraph(nn.Cell):
 
     def construct(self, input_ids, key_cache, slot_ids, start, valid_length, value_cache):
         w = self.slots
-        logits, key, value = prefill_forward(self.net, input_ids, w.rows(key_cache, slot_ids),
-                                             start, valid_length,
-                                             w.rows(value_cache, slot_ids))
+        logits, key, value = self.net.prefill_forward(input_ids, w.rows(key_cache, slot_ids),
+                                                      start, valid_length,
+                                                      w.rows(value_cache, slot_ids))
         pos = iota_like(input_ids[0])
         positions = ops.expand_dims(start, 1) + ops.expand_dims(pos, 0)  # [b, s]
         valid = ops.expand_dims(pos, 0) < ops.expand_dims(valid_length, 1)
@@ -355,8 +358,8 @@ class ResidentDecodeGraph(nn.Cell):
     def construct(self, input_ids, key_cache, positions, slot_ids, value_cache):
         w = self.slots
         at = ops.maximum(positions, ops.zeros_like(positions))
-        logits, key, value = decode_forward(self.net, input_ids, w.rows(key_cache, slot_ids),
-                                            at, w.rows(value_cache, slot_ids))
+        logits, key, value = self.net.decode_forward(input_ids, w.rows(key_cache, slot_ids),
+                                                     at, w.rows(value_cache, slot_ids))
         column = ops.expand_dims(positions, 1)  # [b, 1]
         valid = column >= 0
         return (logits, w.write(key_cache, slot_ids, column, valid, key),

@@ -6,9 +6,9 @@ of dynamic axes.
 
 The KV cache lives in the workers, in slots (runtime/slot_cache.py): `max_batch`
 sequences of up to `capacity` positions each. In the "window" cache mode the graphs
-never see the whole cache: each call receives a *window* of it, the first `kv_len` positions of the slots taking
-part ([layers, batch, kv_heads / tp, kv_len, head_dim], keys and values in two
-tensors), and returns only the K/V it computed, which the worker writes into the
+never see the whole cache: each call receives a *window* of it, the first `kv_len`
+positions of the slots taking part ([layers, batch, kv_heads / tp, kv_len, head_dim],
+keys and values in two tensors), and returns only the K/V it computed, which the worker writes into the
 slots. `kv_len` is the live length rounded up, so a step costs what the sequences
 hold, not what the cache could hold; positions at or beyond a row's own length are
 masked, so the rounding is never seen.

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from dsflow.graphs.config import ModelConfig
-from dsflow.graphs.kernels import TARGET_CACHE_MODES, TARGET_DTYPES, cache_dtype, check_target
+from dsflow.graphs.kernels import (TARGET_CACHE_MODES, TARGET_DTYPES, cache_dtype,
+                                   check_target)
 from dsflow.graphs.signatures import CACHE_MODES, GRAPH_KINDS, graph_signature
 from dsflow.graphs.tp_plan import check_tp, weight_specs
 from dsflow.export.checkpoint.reader import Checkpoint
