@@ -103,7 +103,7 @@ def main(artifacts: Path, prompts: tuple[str, ...], max_new_tokens: int, tempera
 
     \b
     Examples:
-      dsrun --prompt "#write a quick sort algorithm" --max-new-tokens 100
+      dsrun --prompt "def quick_sort(arr):" --max-new-tokens 100
       dsrun --chat --prompt "Write a Python function that reverses a list"
       dsrun --prompt "def add(a, b):" --prompt "// C: binary search" --json
       dsrun --prompt "def fib(n):" --suffix "    return a" --max-new-tokens 32

@@ -53,7 +53,7 @@ def main() -> None:
     \b
     Typical use:
       dsexport build --model ./deepseek-coder-6.7b-instruct --tp 4
-      dsrun --prompt "#write a quick sort algorithm"
+      dsrun --prompt "def quick_sort(arr):"
     """
 
 

@@ -19,8 +19,7 @@ import click
 from dsflow.common.cli import CONTEXT_SETTINGS, run_command, version_option
 from dsflow.common.errors import DsflowError, OptionError
 from dsflow.common.options import int_list
-from dsflow.runtime import Engine
-from dsflow.runtime.cli_options import apply_version_override, engine_options
+from dsflow.runtime.cli_options import engine_options, open_engine
 from dsflow.runtime.server.lifecycle import run
 from dsflow.runtime.server.openai_api import ServerOptions
 from dsflow.runtime.server.supervisor import RestartPolicy
@@ -126,15 +125,15 @@ def main(artifacts: Path, host: str, port: int, api_key: Optional[str],
                                   "--max-prompts": (max_prompts, 1),
                                   "--max-body-kb": (max_body_kb, 1),
                                   "--max-restarts": (max_restarts, 0)})
-    device_ids = int_list(devices, "--devices")
-    apply_version_override(allow_version_mismatch)
+    int_list(devices, "--devices")  # a bad list fails before the port is taken
     sock = bind(host, port)
     signal.signal(signal.SIGTERM, _stop_startup)
     try:
-        engine = Engine(artifacts, verbose=verbose, verify=verify, device=device,
-                        device_ids=device_ids, max_batch=max_batch, max_seq_len=max_seq_len,
-                        cache_mb=cache_mb, prefill_chunk=prefill_chunk,
-                        max_step_tokens=max_step_tokens, max_queue=max_queue)
+        engine = open_engine(artifacts=artifacts, verify=verify, device=device,
+                             devices=devices, allow_version_mismatch=allow_version_mismatch,
+                             max_batch=max_batch, max_seq_len=max_seq_len, cache_mb=cache_mb,
+                             prefill_chunk=prefill_chunk, max_step_tokens=max_step_tokens,
+                             verbose=verbose, max_queue=max_queue)
     except BaseException:
         sock.close()
         raise
