@@ -18,6 +18,8 @@ median over rounds, TTFT/ITL percentiles pool every round's samples.
 
     python tools/bench_serve.py --workdir /tmp/dsflow-bench-serve      # ~10 minutes on 2 cores
     python tools/bench_serve.py --clients 1,8 --rounds 3 --prefill-chunk 64
+    python tools/bench_serve.py --clients 1,8 --modes continuous --max-step-tokens 100000
+                                  # no step budget: a whole chunk joins running decodes
 Needs the test extra (torch, transformers) to make the checkpoint.
 """
 from __future__ import annotations
