@@ -212,7 +212,6 @@ class RankModel(nn.Cell):
         key, value = self.attention.window_end(keys, values)
         return logits, key, value
 
-
     def decode_forward(self, input_ids, key_window, positions, value_window):
         """The decode computation over a window (both cache modes): logits and the token's
         K/V [layers, b, kv_heads, 1, hd]."""

@@ -36,7 +36,7 @@ second cache pair and swaps the two (ping-pong: runtime/backends/lite.py).
 - prefill: input_ids [batch, seq], key_cache, slot_ids, start, valid_length,
   value_cache. Entry (b, j) is written at position start[b] + j of slot slot_ids[b]
   when j < valid_length[b]; padding entries rewrite what is there (see
-  graphs/model.py `write_slots`), so padded rows (valid_length 0, a slot of their own)
+  graphs/model.py `SlotWriter.write`), so padded rows (valid_length 0, a slot of their own)
   change nothing.
 - decode: input_ids [batch], key_cache, positions, slot_ids, value_cache; a row with
   position -1 is padding and writes nothing.
