@@ -233,8 +233,11 @@ class RankModel(nn.Cell):
 
 def last_token_rows(valid_length, seq):
     """Row of each prompt's last real token in the flattened [batch * seq] activations:
-    b * seq + valid_length[b] - 1, in int32 like every index (never the compute dtype)."""
-    return iota_like(valid_length) * seq + valid_length - 1
+    b * seq + valid_length[b] - 1, in int32 like every index (never the compute dtype).
+    A padding row of the resident graphs has valid_length 0: it reads its own first
+    row, never row -1 (a negative gather index, which a device kernel may reject)."""
+    last = ops.maximum(valid_length - 1, ops.zeros_like(valid_length))
+    return iota_like(valid_length) * seq + last
 
 
 class PrefillGraph(nn.Cell):

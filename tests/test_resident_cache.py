@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -86,3 +88,12 @@ def test_resident_tokens_equal_window_tokens_and_transformers(tp, resident_engin
         next(reading[-1])
     assert [tokens(h) for h in handles] == alone
     assert all(len(c.token_ids) == 40 for c in a.result(timeout=T))
+
+
+def test_padding_rows_never_gather_row_minus_one():
+    """An all-padding prefill row (valid_length 0, the resident warm-up's) reads its own
+    first row, not index -1."""
+    import mindspore as ms
+    from dsflow.graphs.model import last_token_rows
+    rows = last_token_rows(ms.Tensor(np.array([0, 3, 1], np.int32)), 4)
+    assert rows.asnumpy().tolist() == [0, 6, 8]
