@@ -39,8 +39,9 @@ ENGINE_OPTIONS = (
                  help="Tokens per step while sequences decode (default 64): each decoding "
                       "sequence counts 1 and prompts are prefilled in what is left (at least "
                       "16), so a new request never stalls the running streams for a whole "
-                      "chunk. Larger: more throughput and sooner first tokens for new "
-                      "requests; smaller: steadier streaming."),
+                      "chunk. Larger: prompts are prefilled in fewer steps, but each such "
+                      "step delays the running streams more; smaller: steadier streaming "
+                      "(docs/BENCHMARKS.md)."),
 )
 
 
