@@ -16,12 +16,16 @@ From a step costing x times batch 1's follow the serving figures no scheduler ca
 aggregate tokens/s at B streams <= B / x times one stream's, and the gap between a
 stream's tokens >= x times one stream's, before any prompt is prefilled.
 
-    python tools/bench_batch_scaling.py --workdir /tmp/dsflow-bench-serve   # ~2 minutes
+    python tools/bench_batch_scaling.py --workdir /tmp/dsflow-bench-serve   # ~1 minute
+    python tools/bench_batch_scaling.py --workdir /tmp/dsflow-bench-serve --profile /tmp/prof
+`--profile DIR` adds MindSpore's profiler's per-op-type time of the decode step at
+batch 1 and at the largest batch (which ops the extra rows cost).
 Needs the test extra (torch, transformers) to make the checkpoint if the workdir has none.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import statistics
 import sys
@@ -60,8 +64,9 @@ def artifacts(work: Path, args) -> Path:
     return art
 
 
-def decode_step(art: Path, batches: list[int], kv_len: int, position: int,
-                repeats: int) -> dict[int, float]:
+def decode_calls(art: Path, batches: list[int], kv_len: int,
+                 position: int) -> dict[int, Callable[[], object]]:
+    """One decode step of b rows through the worker backend, for each b."""
     from dsflow.artifacts.manifest import read_manifest
     from dsflow.runtime.backends.mindspore import MindSporeBackend
     backend = MindSporeBackend(read_manifest(art), 0)
@@ -71,7 +76,33 @@ def decode_step(art: Path, batches: list[int], kv_len: int, position: int,
         slots = np.arange(b, dtype=np.int32)
         ids, pos = np.full(b, 5, np.int32), np.full(b, position, np.int32)
         return lambda: backend.decode(slots, ids, pos, kv_len)
-    return interleaved_ms({b: call(b) for b in batches}, repeats)
+    return {b: call(b) for b in batches}
+
+
+def op_profile(call: Callable[[], object], steps: int, out: Path) -> dict[str, float]:
+    """ms per step of each op type, from MindSpore's CPU profiler (its
+    cpu_op_type_info CSV: total_compute_time in ms over the profiled steps)."""
+    from mindspore import Profiler
+    call()
+    profiler = Profiler(output_path=str(out))
+    for _ in range(steps):
+        call()
+    profiler.analyse()
+    table = next(out.rglob("cpu_op_type_info_*.csv"))
+    with open(table, newline="") as f:
+        return {r["op_type"]: float(r["total_compute_time"]) / steps for r in csv.DictReader(f)}
+
+
+def print_profiles(calls: dict, steps: int, out: Path) -> None:
+    low, high = min(calls), max(calls)
+    ops = {b: op_profile(calls[b], steps, out / f"batch{b}") for b in (low, high)}
+    total = {b: sum(ops[b].values()) for b in ops}
+    print(f"\n| op type | batch {low} ms/step | share | batch {high} ms/step | share |")
+    print("|---|---|---|---|---|")
+    for name in sorted(ops[high], key=lambda n: -ops[high][n])[:6]:
+        a, b = ops[low].get(name, 0.0), ops[high][name]
+        print(f"| {name} | {a:.1f} | {a / total[low]:.0%} | {b:.1f} | {b / total[high]:.0%} |")
+    print(f"| all ops | {total[low]:.1f} | | {total[high]:.1f} | |")
 
 
 def matmuls(art: Path, batches: list[int], repeats: int) -> dict[int, float]:
@@ -119,6 +150,8 @@ def main() -> None:
     p.add_argument("--position", type=int, default=100)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--workdir", type=Path, required=True)
+    p.add_argument("--profile", type=Path, default=None,
+                   help="also profile the decode step's ops into this directory")
     model_arguments(p)
     args = p.parse_args()
     import mindspore as ms
@@ -127,7 +160,8 @@ def main() -> None:
     ms.set_context(runtime_num_threads=os.cpu_count())  # what a tp=1 worker gets
     batches = sorted({1, *(int(b) for b in args.batches.split(","))})
     art = artifacts(args.workdir, args)
-    step = decode_step(art, batches, args.kv_len, args.position, args.repeats)
+    calls = decode_calls(art, batches, args.kv_len, args.position)
+    step = interleaved_ms(calls, args.repeats)
     floor = matmuls(art, batches, args.repeats)
     print(f"\ntp=1, {os.cpu_count()} cores, window {args.kv_len}, position {args.position}, "
           f"median of {args.repeats}; load average now {os.getloadavg()[0]:.1f}\n")
@@ -138,6 +172,9 @@ def main() -> None:
         x = step[b] / step[1]
         print(f"| {b} | {step[b]:.1f} | {x:.2f} | {b / x:.2f} | {floor[b]:.1f} | "
               f"{floor[b] / floor[1]:.2f} |")
+    if args.profile:
+        print_profiles({1: calls[1], 8: calls[8]} if 8 in calls else calls, args.repeats,
+                       args.profile)
 
 
 if __name__ == "__main__":
