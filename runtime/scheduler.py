@@ -36,8 +36,8 @@ from typing import Callable, Optional
 import numpy as np
 
 from dsflow.artifacts.manifest import Manifest
-from dsflow.graphs.signatures import RESIDENT
 from dsflow.common.errors import DsflowError
+from dsflow.graphs.signatures import RESIDENT
 from dsflow.runtime.cluster import Cluster
 from dsflow.runtime.requests import Completion, RequestHandle, StreamEvent, _SequenceState
 from dsflow.runtime.sampling import Sampler, SamplingParams
