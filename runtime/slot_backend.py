@@ -23,7 +23,7 @@ import numpy as np
 
 from dsflow.artifacts.manifest import Manifest
 from dsflow.graphs.signatures import RESIDENT
-from dsflow.runtime.slot_cache import SlotCache, batch_gears, gear
+from dsflow.runtime.slot_cache import SlotCache, batch_gears, check_writes, gear
 
 PAD_POSITION = -1  # a resident decode row that writes nothing (graphs/model.py)
 
@@ -103,12 +103,10 @@ class SlotBackend:
         capacity), padded up to `rows` with slots none of them uses."""
         if self.slots == 0:
             raise RuntimeError("no slot cache: configure before prefill/decode")
+        check_writes(slot_ids, end, self.slots, self.capacity)
         ids = slot_ids.tolist()
-        if len(set(ids)) != len(ids) or (ids and (min(ids) < 0 or max(ids) >= self.slots)):
-            raise ValueError(f"slot ids {ids}: must be distinct, in 0..{self.slots - 1}")
-        if len(end) and int(end.max()) > self.capacity:
-            raise ValueError(f"write up to position {int(end.max())} beyond the slot "
-                             f"capacity {self.capacity}")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"slot ids {ids}: must be distinct")
         spare = [s for s in range(self.slots) if s not in set(ids)]
         return np.array(ids + spare[:max(0, rows - len(ids))], np.int32)
 

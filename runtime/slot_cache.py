@@ -55,6 +55,16 @@ def batch_gears(max_batch: int) -> list[int]:
     return gears + [max_batch]
 
 
+def check_writes(slot_ids: np.ndarray, end: np.ndarray, slots: int, capacity: int) -> None:
+    """Writes to `slot_ids` up to positions `end` must stay inside `slots` x `capacity`
+    (both cache modes: the host slots here, the resident graphs' cache)."""
+    if len(slot_ids) and (slot_ids.min() < 0 or slot_ids.max() >= slots):
+        raise ValueError(f"slot ids {slot_ids.tolist()} outside 0..{slots - 1}")
+    if len(end) and end.max() > capacity:
+        raise ValueError(f"write up to position {int(end.max())} beyond the slot "
+                         f"capacity {capacity}")
+
+
 class SlotCache:
     """K and V of `slots` sequences x `capacity` positions:
     [layers, slots, kv_heads_per_rank, capacity, head_dim] each."""
@@ -75,11 +85,7 @@ class SlotCache:
         return self.key.nbytes + self.value.nbytes
 
     def check(self, slot_ids: np.ndarray, end: np.ndarray) -> None:
-        if len(slot_ids) and (slot_ids.min() < 0 or slot_ids.max() >= self.slots):
-            raise ValueError(f"slot ids {slot_ids.tolist()} outside 0..{self.slots - 1}")
-        if len(end) and end.max() > self.capacity:
-            raise ValueError(f"write up to position {int(end.max())} beyond the slot "
-                             f"capacity {self.capacity}")
+        check_writes(slot_ids, end, self.slots, self.capacity)
 
     def window(self, slot_ids: np.ndarray, kv_len: int, rows: int,
                caller: str = "") -> tuple[np.ndarray, np.ndarray]:

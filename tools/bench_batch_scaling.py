@@ -36,7 +36,8 @@ from typing import Callable
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import make_checkpoint, model_arguments  # noqa: E402
+from bench_decode import model_arguments  # noqa: E402
+from bench_serve import serve_artifacts  # noqa: E402
 
 
 def interleaved_ms(calls: dict[int, Callable[[], object]], repeats: int) -> dict[int, float]:
@@ -52,16 +53,6 @@ def interleaved_ms(calls: dict[int, Callable[[], object]], repeats: int) -> dict
             fn()
             times[b].append(time.perf_counter() - t0)
     return {b: statistics.median(t) * 1e3 for b, t in times.items()}
-
-
-def artifacts(work: Path, args) -> Path:
-    ckpt, art = work / "ckpt", work / "art-serve-tp1"
-    if not (ckpt / "config.json").exists():
-        make_checkpoint(ckpt, args)
-    if not (art / "manifest.json").exists():
-        from dsflow.export.pipeline.build import BuildOptions, build
-        build(BuildOptions(model_dir=ckpt, out=art, tp=1, max_seq_len=1024))
-    return art
 
 
 def decode_calls(art: Path, batches: list[int], kv_len: int,
@@ -93,8 +84,7 @@ def op_profile(call: Callable[[], object], steps: int, out: Path) -> dict[str, f
         return {r["op_type"]: float(r["total_compute_time"]) / steps for r in csv.DictReader(f)}
 
 
-def print_profiles(calls: dict, steps: int, out: Path) -> None:
-    low, high = min(calls), max(calls)
+def print_profiles(calls: dict, low: int, high: int, steps: int, out: Path) -> None:
     ops = {b: op_profile(calls[b], steps, out / f"batch{b}") for b in (low, high)}
     total = {b: sum(ops[b].values()) for b in ops}
     print(f"\n| op type | batch {low} ms/step | share | batch {high} ms/step | share |")
@@ -159,7 +149,7 @@ def main() -> None:
     ms.set_device("CPU")
     ms.set_context(runtime_num_threads=os.cpu_count())  # what a tp=1 worker gets
     batches = sorted({1, *(int(b) for b in args.batches.split(","))})
-    art = artifacts(args.workdir, args)
+    art = serve_artifacts(args.workdir, args)
     calls = decode_calls(art, batches, args.kv_len, args.position)
     step = interleaved_ms(calls, args.repeats)
     floor = matmuls(art, batches, args.repeats)
@@ -173,8 +163,7 @@ def main() -> None:
         print(f"| {b} | {step[b]:.1f} | {x:.2f} | {b / x:.2f} | {floor[b]:.1f} | "
               f"{floor[b] / floor[1]:.2f} |")
     if args.profile:
-        print_profiles({1: calls[1], 8: calls[8]} if 8 in calls else calls, args.repeats,
-                       args.profile)
+        print_profiles(calls, 1, 8 if 8 in calls else max(calls), args.repeats, args.profile)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,18 @@ from bench_decode import make_checkpoint, model_arguments, prompt_ids  # noqa: E
 PROMPT_LENS = (16, 24, 32, 40, 48, 56, 64, 72)
 
 
+def serve_artifacts(work: Path, args) -> Path:
+    """The benchmark model's checkpoint and tp=1 artifacts in `work`, made if missing
+    (also used by tools/bench_batch_scaling.py, which measures the same model)."""
+    ckpt, art = work / "ckpt", work / "art-serve-tp1"
+    if not (ckpt / "config.json").exists():
+        make_checkpoint(ckpt, args)
+    if not (art / "manifest.json").exists():
+        from dsflow.export.pipeline.build import BuildOptions, build
+        build(BuildOptions(model_dir=ckpt, out=art, tp=1, max_seq_len=1024))
+    return art
+
+
 def run_clients(engine, clients: int, requests: int, new_tokens: int) -> dict:
     """One round: raw TTFT and ITL samples (s), output tokens and wall time."""
     from dsflow.runtime import SamplingParams
@@ -109,13 +121,8 @@ def main() -> None:
     args = p.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
     work = args.workdir or Path(tempfile.mkdtemp(prefix="dsflow-bench-serve-"))
-    ckpt, art = work / "ckpt", work / "art-serve-tp1"
-    if not (ckpt / "config.json").exists():
-        make_checkpoint(ckpt, args)
-    from dsflow.export.pipeline.build import BuildOptions, build
+    art = serve_artifacts(work, args)
     from dsflow.runtime import Engine
-    if not (art / "manifest.json").exists():
-        build(BuildOptions(model_dir=ckpt, out=art, tp=1, max_seq_len=1024))
     modes = args.modes.split(",")
     engines = {m: Engine(art, max_batch=max(clients), prefill_chunk=args.prefill_chunk,
                          max_step_tokens=args.max_step_tokens, scheduling=m) for m in modes}
