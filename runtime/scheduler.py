@@ -381,8 +381,7 @@ class Scheduler:
             "kv_len": self.plan.window(max(positions) + 1)})
 
     def _prefill_step(self) -> None:
-        decoding = sum(1 for r in self.active for s in r.seqs if s.pending is not None)
-        rows, budget = [], self.plan.prefill_budget(decoding)
+        rows, budget = [], self.plan.prefill_budget(len(self._decoding()))
         for r in self.active:
             if not r.prefilling:
                 continue
@@ -420,8 +419,12 @@ class Scheduler:
             s.state.c.time_to_first_token_ms = (now - r.t_submit) * 1e3
             self._emit(r, s, *s.sampler.pick(row))
 
+    def _decoding(self) -> list[tuple[_Request, _Sequence]]:
+        """The sequences with a sampled token to feed: this step's decode batch."""
+        return [(r, s) for r in self.active for s in r.seqs if s.pending is not None]
+
     def _decode_step(self) -> None:
-        live = [(r, s) for r in self.active for s in r.seqs if s.pending is not None]
+        live = self._decoding()
         if not live:
             return
         logits = self.run_decode([s.slot for _, s in live], [s.pending for _, s in live],
