@@ -23,6 +23,7 @@ import numpy as np
 
 from dsflow.artifacts.manifest import Manifest
 from dsflow.graphs.signatures import RESIDENT
+from dsflow.runtime.backends.base import RankBackend
 from dsflow.runtime.slot_cache import SlotCache, batch_gears, check_writes, gear
 
 PAD_POSITION = -1  # a resident decode row that writes nothing (graphs/model.py)
@@ -38,8 +39,9 @@ def pad_rows(a: np.ndarray, rows: int, fill: int) -> np.ndarray:
     return out
 
 
-class SlotBackend:
-    """The protocol side of a backend: configure, prefill, decode, copy_slot."""
+class SlotBackend(RankBackend):
+    """The graph-agnostic half of a backend: configure, prefill, decode, copy_slot over
+    a slot cache; subclasses implement `_run`."""
 
     cache_dtype = np.float32
 

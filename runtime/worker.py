@@ -15,6 +15,7 @@ import time
 import traceback
 from multiprocessing.connection import Client
 
+from dsflow.runtime.backends.base import RankBackend
 from dsflow.runtime.protocol import AUTHKEY_ENV
 
 # "0": skip the start-up warm-up of backends that have one (Lite: every GE gear once).
@@ -75,7 +76,7 @@ def _serve(conn, backend) -> None:
             raise ValueError(f"unknown op {op!r}")
 
 
-def make_backend(manifest, rank: int, device: str, device_id: int):
+def make_backend(manifest, rank: int, device: str, device_id: int) -> "RankBackend":
     """The only place the device matters: MindSpore GraphCell on CPU, or Lite on Ascend."""
     if device == "ascend":
         from dsflow.runtime.backends.lite import LiteBackend
@@ -91,14 +92,13 @@ def _finish_startup(conn, backend, rank: int, load_s: float) -> float:
     coordinator as a "progress" message. Returns the warm-up seconds."""
     def report(line: str) -> None:
         conn.send(("progress", {"rank": rank, "message": line}))
-    if getattr(backend, "version_warning", None):
+    if backend.version_warning:
         report(f"rank {rank}: warning: {backend.version_warning}")
-    warm_up = getattr(backend, "warm_up", None)
-    if warm_up is None or os.environ.get(WARMUP_ENV) == "0":
+    if not backend.gears() or os.environ.get(WARMUP_ENV) == "0":
         return 0.0
     report(f"rank {rank}: graphs built in {load_s:.1f} s; warming up "
            f"{len(backend.gears())} gear(s) (first start-up only is slow)")
-    return warm_up(report)
+    return backend.warm_up(report)
 
 
 def run_worker(args: argparse.Namespace) -> int:
