@@ -7,14 +7,31 @@ Neither imports the other: both import this module.
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 from dsflow.common.errors import DsflowError
+from dsflow.graphs.signatures import RESIDENT, WINDOW
 
 RANK_TABLE_NAME = "rank_table.json"
 LITE_SUFFIX = "_lite"  # rank0/prefill.mindir -> rank0/prefill_lite.mindir
 PLACEHOLDER_PREFIX = "FILL-IN"
+
+# MindSpore/Lite releases the Ascend path supports; the graphs are exported with the
+# MindSpore of the host's Lite release (GE's operator adapters change between releases:
+# docs/ASCEND.md section 8). The CPU path runs MindSpore 2.10 only.
+SUPPORTED_RELEASES = ((2, 5), (2, 6), (2, 7), (2, 10))
+CPU_RELEASE = (2, 10)
+# The first Lite release whose GE executor passes device tensors to GE as they are
+# ("zero-copy", the 2026 ge_graph_executor.cc). Earlier executors (2.3-2.7) read each
+# predict tensor through its host pointer and memcpy outputs into it, so the resident
+# cache mode (device tensors in and out of every predict) cannot run there. Which
+# release first ships the 2026 executor was read from the sources, not run: this
+# variable overrides the rule ("1": this Lite takes device tensors, "0": it does not).
+ZERO_COPY_RELEASE = (2, 10)
+DEVICE_TENSORS_ENV = "DSFLOW_LITE_DEVICE_TENSORS"
 
 
 class LiteBuildError(DsflowError):
@@ -57,3 +74,48 @@ def model_file(root: Path, entry: dict) -> Path:
         return root / entry["lite_file"]
     converted = converted_file(root / entry["lite_stem"]) if entry.get("lite_stem") else None
     return converted or root / entry["file"]
+
+
+def release_numbers(version: Optional[str]) -> Optional[tuple[int, int, int]]:
+    """'2.10.0' / '2.10.0rc1' / '2.10' -> (2, 10, 0); None if it is not a version."""
+    m = re.match(r"\s*(\d+)\.(\d+)(?:\.(\d+))?", str(version or ""))
+    return (int(m[1]), int(m[2]), int(m[3] or 0)) if m else None
+
+
+def supported_release(version: Optional[str]) -> bool:
+    numbers = release_numbers(version)
+    return numbers is not None and numbers[:2] in SUPPORTED_RELEASES
+
+
+def takes_device_tensors(version: Optional[str],
+                         env: Optional[Mapping[str, str]] = None) -> bool:
+    """Whether the mindspore_lite of `version` accepts device tensors as predict inputs
+    and outputs (the resident cache mode). No live probe: on a release without it the
+    failure is a copy through a null host pointer on the card (an error or a crash),
+    not something to try; so the rule is the release (ZERO_COPY_RELEASE), overridable
+    by $DSFLOW_LITE_DEVICE_TENSORS for a release known better than this rule."""
+    env = os.environ if env is None else env
+    flag = env.get(DEVICE_TENSORS_ENV, "")
+    if flag:
+        return flag not in ("0", "false", "no")
+    numbers = release_numbers(version)
+    return numbers is not None and numbers[:2] >= ZERO_COPY_RELEASE
+
+
+def ascend_cache_mode(version: Optional[str], env: Optional[Mapping[str, str]] = None) -> str:
+    """The default cache mode of Ascend artifacts exported with MindSpore `version` (run
+    by the Lite of the same release): resident where that Lite takes device tensors,
+    else window (host cache, windows uploaded per step)."""
+    return RESIDENT if takes_device_tensors(version, env) else WINDOW
+
+
+def resident_refusal(version: Optional[str], what: str) -> str:
+    """One line: `what` (resident artifacts, or --cache-mode resident) cannot run on the
+    Lite of `version`, and how to rebuild."""
+    return (f"{what}: the KV cache would stay on the card as device tensors, which "
+            f"mindspore_lite {version or '(unknown)'} cannot take as predict inputs/outputs "
+            f"(its GE executor copies through host pointers; device tensors need Lite "
+            f"{'.'.join(map(str, ZERO_COPY_RELEASE))} or later); rebuild with "
+            "`dsexport build --target ascend --cache-mode window` using the MindSpore of "
+            f"this Lite's release (or set {DEVICE_TENSORS_ENV}=1 if this Lite is known to "
+            "take device tensors)")

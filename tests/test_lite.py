@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -30,14 +31,26 @@ SMALL = {"architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size":
 CFG = config_from_hf_dict(SMALL)
 
 
+# The fake mindspore_lite's two releases (tests/fakes/mindspore_lite): (version, zero-copy
+# GE executor). The artifacts of a test are exported "with the matching MindSpore".
+RELEASES = {"2.7": ("2.7.2", False), "2026": ("2.10.0", True)}
+
+
 # ---- helpers ------------------------------------------------------------------------
+def exporting_mindspore() -> str:
+    """The MindSpore release the test's artifacts claim: the fake Lite's, as a build on
+    the host of that Lite records it."""
+    return os.environ.get("DSFLOW_FAKE_LITE_VERSION") or "2.10.0"
+
+
 def manifest_data(tp: int, dtype: str = "float16", buckets=BUCKETS,
                   cache_mode: str = "window") -> dict:
     graphs = [{"rank": r, "kind": k, "file": f"rank{r}/{k}.mindir",
                **graph_signature(k, CFG, tp, dtype, cache_mode).to_dict()}
               for r in range(tp) for k in ("prefill", "decode")]
     return {"model": CFG.to_dict(), "tp": tp, "dtype": dtype, "buckets": buckets,
-            "mindspore_version": "2.10.0", "created": "2026-11-30T12:00:00+0000",
+            "mindspore_version": exporting_mindspore(),
+            "created": "2026-11-30T12:00:00+0000",
             "kv_cache": {"max_seq_len": 64, "dtype": dtype, "cache_mode": cache_mode},
             "graphs": graphs}
 
@@ -311,19 +324,42 @@ def use_token_sum_kernel(fake, monkeypatch, tp: int) -> None:
     fake.KERNEL = kernel
 
 
-@pytest.fixture()
-def fake_lite(monkeypatch, tmp_path):
-    """A freshly imported fake mindspore_lite (so import-time state is per test); the
-    variables the backend sets are restored after the test."""
+def _fresh_fake(monkeypatch, tmp_path, release: str):
+    """A freshly imported fake mindspore_lite of `release` (so import-time state is per
+    test); the variables the backend sets are restored after the test."""
     monkeypatch.syspath_prepend(str(FAKES))
     monkeypatch.delitem(sys.modules, "mindspore_lite", raising=False)
     for name in ("HCCL_NPU_SOCKET_PORT_RANGE", "HCCL_CONNECT_TIMEOUT", "ASCEND_WORK_PATH",
-                 "DSFLOW_ALLOW_LITE_VERSION_MISMATCH", "DSFLOW_FAKE_LITE_VERSION"):
+                 "DSFLOW_ALLOW_LITE_VERSION_MISMATCH", "DSFLOW_LITE_DEVICE_TENSORS"):
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
+    version, zero_copy = RELEASES[release]
+    monkeypatch.setenv("DSFLOW_FAKE_LITE_VERSION", version)
+    monkeypatch.setenv("DSFLOW_FAKE_LITE_ZERO_COPY", "1" if zero_copy else "0")
     monkeypatch.setenv("DSFLOW_FAKE_LITE_INPUTS", "lite_inputs:from_manifest")
     monkeypatch.setenv("DSFLOW_GE_CACHE", str(tmp_path / "ge-cache"))
-    yield lambda: sys.modules["mindspore_lite"]
+    return lambda: sys.modules["mindspore_lite"]
+
+
+@pytest.fixture(params=sorted(RELEASES))
+def fake_lite(request, monkeypatch, tmp_path):
+    """The fake mindspore_lite, once per release: what runs in the window cache mode
+    must run on both."""
+    yield _fresh_fake(monkeypatch, tmp_path, request.param)
+    sys.modules.pop("mindspore_lite", None)
+
+
+@pytest.fixture()
+def zero_copy_lite(monkeypatch, tmp_path):
+    """The 2026 release only: the resident cache mode needs device tensors."""
+    yield _fresh_fake(monkeypatch, tmp_path, "2026")
+    sys.modules.pop("mindspore_lite", None)
+
+
+@pytest.fixture()
+def old_lite(monkeypatch, tmp_path):
+    """The 2.7 release only (no zero-copy executor)."""
+    yield _fresh_fake(monkeypatch, tmp_path, "2.7")
     sys.modules.pop("mindspore_lite", None)
 
 
@@ -426,26 +462,44 @@ def test_backend_refuses_off_gear_shapes_and_pads_batch(tmp_path, fake_lite, mon
 
 
 def test_backend_builds_in_rank_order(tmp_path, fake_lite):
+    """Rank 1 starts first and must not build until rank 0 has built: rank 1 is known to
+    be waiting (an event set inside its turn's wait) before rank 0 starts, and the
+    builds come out in rank order with rank 0's marker written before rank 1 builds."""
     from dsflow.runtime.backends.lite import FileTurns, LiteBackend
     manifest, _ = artifacts(tmp_path / "art", 2)
     filled_table(manifest, [0, 1])
     import time
-    errors = []
+    errors, waiting = [], threading.Event()
+    fake = importlib.import_module("mindspore_lite")  # the one both ranks will import
+
+    class Signalling(FileTurns):
+        def wait(self, rank):
+            if rank == 1:
+                waiting.set()
+            super().wait(rank)
+
+        def done(self, rank):
+            super().done(rank)
+            fake.CALLS.append(("turn_done", rank))
 
     def start(rank):
         try:
-            turns = FileTurns(tmp_path, settle_s=0.0, sleep=time.sleep, poll_s=0.01)
+            turns = Signalling(tmp_path, settle_s=0.0, sleep=time.sleep, poll_s=0.01)
             LiteBackend(manifest, rank, rank, barrier=lambda: None, turns=turns)
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
-    t1 = threading.Thread(target=start, args=(1,))
+    t1 = threading.Thread(target=start, args=(1,), daemon=True)
     t1.start()
-    time.sleep(0.1)  # rank 1 is up first, and must still wait for rank 0
+    assert waiting.wait(60), "rank 1 never reached its turn"
+    assert not [c for c in fake_lite().CALLS if c[0] == "build"]  # rank 1 still waits
     start(0)
-    t1.join(5)
-    assert not errors
-    ranks = [c[6]["rank_id"] for c in fake_lite().CALLS if c[0] == "build"]
-    assert ranks == [0, 0, 1, 1]
+    t1.join(60)  # a guard against a hang, not a bound the property depends on
+    assert not t1.is_alive() and not errors, errors
+    fake = fake_lite()
+    order = [("build", c[6]["rank_id"]) if c[0] == "build" else c for c in fake.CALLS
+             if c[0] in ("build", "turn_done")]
+    assert order == [("build", 0), ("build", 0), ("turn_done", 0), ("build", 1),
+                     ("build", 1), ("turn_done", 1)]
 
 
 def test_file_turns_waits_settles_and_times_out(tmp_path):
@@ -557,9 +611,10 @@ def test_fake_rejects_what_mindspore_lite_rejects(tmp_path, fake_lite):
 def test_lite_version_must_match_the_exporting_mindspore(tmp_path, fake_lite, monkeypatch):
     from dsflow.runtime.backends.lite import LiteBackend, LiteBackendError
     manifest, _ = artifacts(tmp_path, 1)
+    exported = exporting_mindspore()
     monkeypatch.setenv("DSFLOW_FAKE_LITE_VERSION", "2.9.0")
-    with pytest.raises(LiteBackendError, match=r"exported by MindSpore 2\.10\.0, but this "
-                                               r"mindspore_lite is 2\.9\.0.*--allow-version"):
+    with pytest.raises(LiteBackendError, match=rf"exported by MindSpore {re.escape(exported)}, "
+                                               r"but this mindspore_lite is 2\.9\.0.*--allow-version"):
         LiteBackend(manifest, 0, 0)
     assert not [c for c in fake_lite().CALLS if c[0] == "build"]
     backend = LiteBackend(manifest, 0, 0, allow_version_mismatch=True)
@@ -567,7 +622,7 @@ def test_lite_version_must_match_the_exporting_mindspore(tmp_path, fake_lite, mo
     monkeypatch.setenv("DSFLOW_ALLOW_LITE_VERSION_MISMATCH", "1")
     assert LiteBackend(manifest, 0, 0).version_warning
     monkeypatch.setenv("DSFLOW_ALLOW_LITE_VERSION_MISMATCH", "0")
-    monkeypatch.setenv("DSFLOW_FAKE_LITE_VERSION", "2.10.0rc1")  # same release
+    monkeypatch.setenv("DSFLOW_FAKE_LITE_VERSION", exported + "rc1")  # same release
     sys.modules.pop("mindspore_lite")
     assert LiteBackend(manifest, 0, 0).version_warning is None
     del manifest.data["mindspore_version"]
@@ -644,10 +699,10 @@ def expect(totals: list, tp: int) -> list:
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-def test_resident_cache_stays_on_the_device_and_ping_pongs(tmp_path, fake_lite, monkeypatch,
-                                                          tp):
+def test_resident_cache_stays_on_the_device_and_ping_pongs(tmp_path, zero_copy_lite,
+                                                          monkeypatch, tp):
     from dsflow.runtime.backends.lite import LiteBackendError
-    backend, fake = resident_backend(tmp_path, fake_lite, monkeypatch, tp)
+    backend, fake = resident_backend(tmp_path, zero_copy_lite, monkeypatch, tp)
     with pytest.raises(LiteBackendError, match="built for|fixed at build"):
         backend.configure(slots=8, capacity=64)
     mark = len(fake.CALLS)
@@ -698,9 +753,9 @@ def test_resident_cache_stays_on_the_device_and_ping_pongs(tmp_path, fake_lite, 
         backend.copy_slot(0, [1], 5)
 
 
-def test_resident_warm_up_runs_each_batch_gear_and_writes_nothing(tmp_path, fake_lite,
+def test_resident_warm_up_runs_each_batch_gear_and_writes_nothing(tmp_path, zero_copy_lite,
                                                                   monkeypatch):
-    backend, fake = resident_backend(tmp_path, fake_lite, monkeypatch, 1)
+    backend, fake = resident_backend(tmp_path, zero_copy_lite, monkeypatch, 1)
     lines = []
     mark = len(fake.CALLS)
     backend.warm_up(lines.append)
@@ -714,7 +769,7 @@ def test_resident_warm_up_runs_each_batch_gear_and_writes_nothing(tmp_path, fake
 CACHE = ("key_cache", "value_cache")
 
 
-def test_fake_enforces_preallocated_outputs_and_device_tensors(tmp_path, fake_lite,
+def test_fake_enforces_preallocated_outputs_and_device_tensors(tmp_path, zero_copy_lite,
                                                                monkeypatch):
     fake = importlib.import_module("mindspore_lite")
     use_token_sum_kernel(fake, monkeypatch, 1)
@@ -729,11 +784,14 @@ def test_fake_enforces_preallocated_outputs_and_device_tensors(tmp_path, fake_li
     model.resize(model.get_inputs(), [[1], shape, [1], [1], shape])
     ids = fake.Tensor(np.zeros(1, np.int32))
     inputs = [ids, cache[0], ids, ids, cache[1]]
-    logits = fake.Tensor(shape=[1, 64], dtype=fake.DataType.FLOAT32)
+    with pytest.raises(RuntimeError, match="Output data ptr is nullptr"):  # no host buffer
+        model.predict(inputs, outputs=[fake.Tensor(shape=[1, 64], dtype=fake.DataType.FLOAT32),
+                                       cache[2], cache[3]])
+    logits = fake.Tensor(np.empty((1, 64), np.float32))
     with pytest.raises(RuntimeError, match="predict failed"):  # one output short
         model.predict(inputs, outputs=[logits, cache[2]])
     with pytest.raises(RuntimeError, match="does not match the graph's output"):
-        model.predict(inputs, outputs=[fake.Tensor(shape=[1, 32], dtype=fake.DataType.FLOAT32),
+        model.predict(inputs, outputs=[fake.Tensor(np.empty((1, 32), np.float32)),
                                        cache[2], cache[3]])
     with pytest.raises(RuntimeError, match="both an input and an output"):
         model.predict(inputs, outputs=[logits, cache[0], cache[1]])
@@ -745,3 +803,138 @@ def test_fake_enforces_preallocated_outputs_and_device_tensors(tmp_path, fake_li
     assert not [c for c in fake.CALLS[mark:] if c[0] in ("upload", "download")]
     cache[2].get_data_to_numpy()  # reading a device tensor on the host is a download
     assert fake.CALLS[-1] == ("download", cache[2].tag, cache[2].data_size)
+
+
+# ---- issue 17: what a real card with Lite 2.5-2.7 would reject ------------------------
+def test_old_lite_refuses_resident_artifacts_before_building(tmp_path, old_lite, monkeypatch):
+    """Lite 2.3-2.7 cannot take device tensors: resident artifacts are refused in one
+    line that says how to rebuild, before any build; the override lets a user who knows
+    better through (and the old executor then refuses the device tensors itself)."""
+    from dsflow.runtime.backends.lite import LiteBackend, LiteBackendError
+    manifest, _ = artifacts(tmp_path, 1, cache_mode="resident", batch_sizes=[1, 4])
+    with pytest.raises(LiteBackendError) as e:
+        LiteBackend(manifest, 0, 0)
+    message = str(e.value)
+    assert "\n" not in message and "mindspore_lite 2.7.2" in message
+    assert "--cache-mode window" in message and "resident" in message
+    assert not [c for c in old_lite().CALLS if c[0] == "build"]
+    monkeypatch.setenv("DSFLOW_LITE_DEVICE_TENSORS", "1")
+    backend = LiteBackend(manifest, 0, 0)
+    use_token_sum_kernel(old_lite(), monkeypatch, 1)
+    backend.configure(slots=4, capacity=64)
+    with pytest.raises(RuntimeError, match="device tensors need the zero-copy GE executor"):
+        backend.decode(np.array([0], np.int32), np.array([1], np.int32),
+                       np.array([0], np.int32), 0)
+
+
+def test_old_fake_refuses_device_tensors_and_both_refuse_outputs_without_a_buffer(
+        tmp_path, fake_lite, monkeypatch):
+    fake = importlib.import_module("mindspore_lite")
+    use_token_sum_kernel(fake, monkeypatch, 1)
+    manifest, _ = artifacts(tmp_path / "strict", 1)
+    model = fake.Model()
+    model.build_from_file(str(manifest.graph_path(0, "decode")), fake.ModelType.MINDIR,
+                          fake.Context())
+    window = [2, 1, 2, 16, 8]
+    model.resize(model.get_inputs(), [[1], window, [1], window])
+    ids = fake.Tensor(np.zeros(1, np.int32))
+    host = fake.Tensor(np.zeros(window, np.float16))
+    with pytest.raises(RuntimeError, match="Output data ptr is nullptr"):
+        model.predict([ids, host, ids, host],
+                      outputs=[fake.Tensor(shape=[1, 64], dtype=fake.DataType.FLOAT32),
+                               fake.Tensor(np.zeros([2, 1, 2, 1, 8], np.float16)),
+                               fake.Tensor(np.zeros([2, 1, 2, 1, 8], np.float16))])
+    on_card = fake.Tensor(np.zeros(window, np.float16), device="ascend:0")
+    if fake.ZERO_COPY:
+        model.predict([ids, on_card, ids, host])
+    else:
+        with pytest.raises(RuntimeError, match="Input data ptr is nullptr.*ascend:0"):
+            model.predict([ids, on_card, ids, host])
+    assert len(model.predict([ids, host, ids, host])) == 3  # host tensors: every release
+
+
+def test_set_data_failures_name_the_tensor(fake_lite, monkeypatch):
+    """set_data_from_numpy's False (the C++ binding's result) and tensor.py's own
+    RuntimeError both become one error naming the tensor."""
+    from dsflow.runtime.backends.lite import LiteBackendError, set_data
+    fake = importlib.import_module("mindspore_lite")
+    tensor = fake.Tensor(shape=[2, 3], dtype=fake.DataType.FLOAT16, device="ascend:0")
+    assert tensor.set_data_from_numpy(np.zeros((2, 3), np.float32)) is False  # dtype
+    assert tensor.set_data_from_numpy(np.zeros((2, 2), np.float16)) is False  # size
+    with pytest.raises(LiteBackendError, match="rank 0 key_cache.*float32 \\[2, 3\\]"):
+        set_data(tensor, np.zeros((2, 3), np.float32), "rank 0 key_cache")
+    set_data(tensor, np.ones((2, 3), np.float16), "rank 0 key_cache")
+    assert tensor._peek().sum() == 6
+
+    def raising(array):  # tensor.py of 2025-07: raises itself, then drops the bool
+        raise RuntimeError("data size not equal! Numpy size: 8, Tensor size: 12")
+    monkeypatch.setattr(tensor, "set_data_from_numpy", raising)
+    with pytest.raises(LiteBackendError, match="value_cache: set_data_from_numpy failed "
+                                               "\\(data size not equal"):
+        set_data(tensor, np.zeros((2, 2), np.float16), "value_cache")
+
+
+def test_build_chooses_resident_only_where_lite_takes_device_tensors(tmp_path, monkeypatch):
+    from dsflow.artifacts.lite import ascend_cache_mode, takes_device_tensors
+    from dsflow.common.errors import ExportError
+    from dsflow.export.pipeline import build as build_mod
+    monkeypatch.delenv("DSFLOW_LITE_DEVICE_TENSORS", raising=False)
+    for version, mode in (("2.5.0", "window"), ("2.6.0", "window"), ("2.7.2", "window"),
+                          ("2.10.0", "resident"), (None, "window")):
+        assert ascend_cache_mode(version) == mode, version
+        monkeypatch.setattr(build_mod, "_mindspore_version", lambda v=version: v)
+        opts = build_mod.BuildOptions(model_dir=tmp_path, out=tmp_path / "out",
+                                      target="ascend")
+        assert opts.resolved_cache_mode() == mode
+        cpu = build_mod.BuildOptions(model_dir=tmp_path, out=tmp_path / "out", target="cpu")
+        assert cpu.resolved_cache_mode() == "window"
+    assert takes_device_tensors("2.7.2", {"DSFLOW_LITE_DEVICE_TENSORS": "1"})
+    assert not takes_device_tensors("2.10.0", {"DSFLOW_LITE_DEVICE_TENSORS": "0"})
+    monkeypatch.setattr(build_mod, "_mindspore_version", lambda: "2.7.2")
+    with pytest.raises(ExportError, match="--cache-mode resident: .*2\\.7\\.2.*--cache-mode "
+                                          "window"):
+        build_mod.build(build_mod.BuildOptions(model_dir=tmp_path, out=tmp_path / "out",
+                                               target="ascend", cache_mode="resident"))
+    assert not (tmp_path / "out").exists()
+
+
+def cwd_checking_converter(bin_dir: Path) -> Path:
+    """A converter_lite that, like GE reading ge.exec.rankTableFile, opens the ini's
+    rank_table_file from its own working directory, and fails if it is not there."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    conv = bin_dir / "converter_lite"
+    conv.write_text(f"""#!/usr/bin/env bash
+for a in "$@"; do case "$a" in --outputFile=*) out="${{a#--outputFile=}}";;
+  --configFile=*) ini="${{a#--configFile=}}";; esac; done
+table="$(sed -n 's/^rank_table_file=//p' "$ini")"
+echo "cwd=$PWD table=$table" >> "{bin_dir}/calls.log"
+[ -z "$table" ] || [ -f "$table" ] || {{ echo "rank table $table not found"; exit 4; }}
+echo converted > "$out.mindir"
+""")
+    conv.chmod(0o755)
+    return conv
+
+
+def test_converter_runs_where_the_inis_rank_table_path_resolves(tmp_path, monkeypatch):
+    """The ini names the rank table relatively; a build from another directory (and
+    with a relative --out) must still convert: converter_lite runs in the artifacts."""
+    conv = cwd_checking_converter(tmp_path / "bin")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    _, result = artifacts(Path("art"), 2, env=with_cann(tmp_path, {"PATH": str(conv.parent)}))
+    assert {e["stage"] for e in result["graphs"].values()} == {"lite"}
+    log = (conv.parent / "calls.log").read_text().splitlines()
+    assert log == [f"cwd={(tmp_path / 'work' / 'art').resolve()} table=rank_table.json"] * 4
+
+
+def test_cann_warnings_do_not_hide_a_real_conversion_error(tmp_path):
+    """_check_ascend.py warns about ASCEND_OPP_PATH on hosts that have CANN: a failure
+    printed after such warnings is the graph's, reported as an error, not the fallback."""
+    says = ("WARNING: ASCEND_OPP_PATH is not set, custom ops may be missing; run "
+            "<CANN>/set_env.sh\\nERROR: [ge] E10001: input shape of key_cache is invalid")
+    conv = fake_converter(tmp_path / "bin", rc=1, says=says)
+    with pytest.raises(lb.LiteBuildError, match="(?s)exit 1.*E10001") as e:
+        artifacts(tmp_path / "art", 1, env=with_cann(tmp_path, {"PATH": str(conv.parent)}))
+    assert not isinstance(e.value, lb.MissingCannError)
+    assert not (tmp_path / "art" / lb.SCRIPT_NAME).exists()

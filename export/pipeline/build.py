@@ -33,6 +33,7 @@ from dsflow.common.errors import ExportError
 from dsflow.artifacts.manifest import (GENERATION_CONFIG, MANIFEST_NAME, kv_cache_section,
                                        write_manifest)
 from dsflow.common.atomic import make_staging_dir
+from dsflow.artifacts.lite import ascend_cache_mode, resident_refusal, takes_device_tensors
 from dsflow.export.weights.rank_files import (ShardsIndex, check_shards, is_shards_dir, read_index, read_rank,
                           write_shards)
 
@@ -72,7 +73,20 @@ class BuildOptions:
     cache_mode: Optional[str] = None
 
     def resolved_cache_mode(self) -> str:
-        return self.cache_mode or TARGET_CACHE_MODES[self.target]
+        """The --cache-mode, else the target's default; on Ascend the default is resident
+        only where the Lite of the exporting MindSpore's release takes device tensors
+        (artifacts/lite.py ascend_cache_mode), else window."""
+        if self.cache_mode or self.target != "ascend":
+            return self.cache_mode or TARGET_CACHE_MODES[self.target]
+        return ascend_cache_mode(_mindspore_version())
+
+
+def _mindspore_version() -> Optional[str]:
+    """The installed MindSpore's version, read without importing it (slow)."""
+    try:
+        return metadata.version("mindspore")
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def resolve_buckets(opts: BuildOptions, max_seq: int) -> Optional[list[int]]:
@@ -232,6 +246,9 @@ def build(opts: BuildOptions, progress: Progress = _no_progress,
     if opts.resolved_cache_mode() not in CACHE_MODES:
         raise ExportError(f"--cache-mode {opts.cache_mode}: unknown (choose from "
                           f"{', '.join(CACHE_MODES)})")
+    if (opts.target == "ascend" and opts.cache_mode == "resident"
+            and not takes_device_tensors(_mindspore_version())):
+        raise ExportError(resident_refusal(_mindspore_version(), "--cache-mode resident"))
     source = _open_source(opts)
     try:
         cfg = source.config

@@ -90,10 +90,15 @@ class MissingCannError(LiteBuildError):
 
 # CANN's set_env.sh exports these; `--optimize=ascend_oriented` runs GE, i.e. needs CANN.
 CANN_ENVS = ("ASCEND_HOME_PATH", "ASCEND_TOOLKIT_HOME")
-# Converter output that means "no CANN here" rather than "this graph is wrong".
-MISSING_CANN = re.compile(r"error while loading shared libraries|"
-                          r"lib(ascendcl|ge_runner|ge_compiler|graph|register|runtime|acl_\w+)"
-                          r"\.so|ASCEND_(HOME|TOOLKIT_HOME|OPP)_PATH|set_env\.sh", re.I)
+# Converter output that means "no CANN here" rather than "this graph is wrong": the
+# dynamic loader (or dlopen) failing to find one of CANN's own libraries. Warnings that
+# merely mention ASCEND_OPP_PATH or set_env.sh are NOT that: mindspore-lite's
+# python/api/_check_ascend.py prints such warnings on hosts that do have CANN, so a
+# real conversion error printed after them must be reported, not hidden behind the
+# "run the script later" fallback.
+MISSING_CANN = re.compile(
+    r"lib(ascendcl|ge_runner|ge_compiler|graph|register|runtime|hccl|ascend_hal|acl_\w+)"
+    r"\.so[^\n]*cannot open shared object file", re.I)
 
 
 # ---- gears and ini ------------------------------------------------------------------
@@ -290,11 +295,17 @@ def converter_args(mindir: str, out_stem: str, config_ini: str) -> list[str]:
 
 
 def convert(mindir: Path, out_stem: Path, config_ini: Path, converter: Converter,
-            run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> Path:
-    """Run converter_lite on one graph; return the written file or raise with its output."""
+            run: Callable[..., subprocess.CompletedProcess] = subprocess.run,
+            cwd: Optional[Path] = None) -> Path:
+    """Run converter_lite on one graph; return the written file or raise with its output.
+
+    `cwd` is the directory relative paths in the ini resolve against: the rank table's
+    `rank_table_file` reaches GE as ge.exec.rankTableFile, opened from the process's
+    working directory (the artifacts directory; the generated script cd's there too)."""
     cmd = [str(converter.path), *converter_args(str(mindir), str(out_stem), str(config_ini))]
     try:
-        proc = run(cmd, env={**os.environ, **converter.env}, capture_output=True, text=True)
+        proc = run(cmd, env={**os.environ, **converter.env}, capture_output=True, text=True,
+                   cwd=None if cwd is None else str(cwd))
     except OSError as e:
         raise LiteBuildError(f"{converter.path}: cannot run ({e.strerror})") from None
     out = converted_file(out_stem)
@@ -356,9 +367,10 @@ def _convert_all(art_dir: Path, jobs: Sequence[tuple[str, str, str]], entries: l
         return (f"converter_lite found ({converter.path}) but no CANN set up here "
                 f"({' / '.join(CANN_ENVS)} unset: `source <CANN>/set_env.sh`), and "
                 "--optimize=ascend_oriented needs it")
+    root = art_dir.resolve()  # absolute: the converter runs with cwd = root
     for (src, stem, ini), entry in zip(jobs, entries):
         try:
-            out = convert(art_dir / src, art_dir / stem, art_dir / ini, converter, run)
+            out = convert(root / src, root / stem, root / ini, converter, run, cwd=root)
         except MissingCannError as e:
             for (_, old_stem, _), done in zip(jobs, entries):  # leave no partial output
                 leftover = converted_file(art_dir / old_stem)
@@ -367,7 +379,7 @@ def _convert_all(art_dir: Path, jobs: Sequence[tuple[str, str, str]], entries: l
                 done.update(stage="mindir", lite_file=done["lite_stem"] + ".mindir")
             return (f"converter_lite ({converter.path}) failed for lack of CANN "
                     f"({str(e).splitlines()[-1].strip()})")
-        entry.update(stage="lite", lite_file=out.relative_to(art_dir).as_posix())
+        entry.update(stage="lite", lite_file=out.relative_to(root).as_posix())
     return None
 
 

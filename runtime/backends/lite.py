@@ -29,20 +29,26 @@ examples/base_models/qwen3_8b/infer_qwen3_8b_mslite_tp.py, infer_qwen3_8b_mslite
    protocol the coordinator sends no request before every rank reported "ready", which
    happens after this constructor returns, so a no-op barrier is already safe there.
 6. The KV cache stays on the device (artifacts built with the resident cache mode,
-   the Ascend default; graphs/signatures.py): `configure` allocates two pairs of
+   the Ascend default where the Lite release takes device tensors: artifacts/lite.py
+   ZERO_COPY_RELEASE; graphs/signatures.py): `configure` allocates two pairs of
    device tensors of the built shape, `Tensor(shape, dtype, device="ascend:N")`,
-   zeroed once with set_data_from_numpy. Each predict takes the small host inputs
-   (ids, positions, slot ids) plus the current pair and gets `outputs=[host logits,
-   the other pair]` (preallocated outputs: model.py predict(inputs, outputs); the
-   Qwen3 Lite example feeds device tensors so "device-side tensors are zero-copy"),
-   then the pairs swap (ping-pong). Per step only ids and logits cross PCIe; on the
-   card the graph copies the whole cache into the output pair and gathers the batch's
-   slots. The documented API has no device-side copy outside a model, so `copy_slot`
-   is not supported (configure says so); the slots and capacity are the build's
-   (the manifest's kv_cache.slots / capacity), and configure refuses any other.
-   Artifacts built with `--cache-mode window` still run the old way: the slot cache
-   in host memory, each step uploading the window of the live slots and downloading
-   the new K/V (runtime/slot_backend.py).
+   zeroed once with set_data_from_numpy (whose result is checked: `set_data`). Each
+   predict takes the small host inputs (ids, positions, slot ids) plus the current
+   pair and gets `outputs=[host logits, the other pair]` (preallocated outputs:
+   model.py predict(inputs, outputs)), then the pairs swap (ping-pong). The host
+   logits are built from numpy: `Tensor(shape=, dtype=)` has no host buffer
+   (src/litert/cxx_api/types.cc) and GE refuses such an output ("Output data ptr is
+   nullptr", ge_graph_executor.cc). Device tensors as predict inputs/outputs need the
+   2026 zero-copy GE executor; the executors of 2.3-2.7 read host pointers, so on those
+   releases resident artifacts are refused with one line saying how to rebuild
+   (`--cache-mode window`), before anything is built. Per step only ids and logits
+   cross PCIe; on the card the graph copies the whole cache into the output pair and
+   gathers the batch's slots. The documented API has no device-side copy outside a
+   model, so `copy_slot` is not supported (configure says so); the slots and capacity
+   are the build's (the manifest's kv_cache.slots / capacity), and configure refuses
+   any other. Artifacts built with `--cache-mode window` (the default on 2.5-2.7) run
+   the slot cache in host memory, each step uploading the window of the live slots
+   and downloading the new K/V (runtime/slot_backend.py).
 7. The batch is padded up to the next gear of --batch-sizes (slot_backend), and every
    prefill chunk length (and window length, window mode) is a bucket (the coordinator
    picks them from the manifest's buckets).
@@ -62,7 +68,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -70,7 +75,9 @@ from typing import Callable, Optional, Protocol
 
 import numpy as np
 
-from dsflow.artifacts.lite import RANK_TABLE_NAME, check_rank_table, model_file
+from dsflow.artifacts.lite import (RANK_TABLE_NAME, SUPPORTED_RELEASES, check_rank_table,
+                                   model_file, release_numbers, resident_refusal,
+                                   takes_device_tensors)
 from dsflow.artifacts.manifest import Manifest
 from dsflow.common.errors import DsflowError
 from dsflow.graphs.signatures import RESIDENT
@@ -148,12 +155,6 @@ def lite_dtype(mslite, name: str):
     return member
 
 
-def release_numbers(version: str) -> Optional[tuple[int, int, int]]:
-    """'2.10.0' / '2.10.0rc1' / '2.10' -> (2, 10, 0); None if it is not a version."""
-    m = re.match(r"\s*(\d+)\.(\d+)(?:\.(\d+))?", str(version or ""))
-    return (int(m[1]), int(m[2]), int(m[3] or 0)) if m else None
-
-
 def check_lite_version(manifest: Manifest, lite_version: Optional[str],
                        allow: bool) -> Optional[str]:
     """Refuse a mindspore_lite whose release differs from the exporting MindSpore's.
@@ -197,6 +198,24 @@ def rank_cache_dir(manifest: Manifest, rank: int, lite_version: Optional[str]) -
         raise LiteBackendError(f"{path}: cannot create the GE compile cache ({e.strerror}); "
                                f"set {GE_CACHE_ENV} to a writable directory") from None
     return path
+
+
+def set_data(tensor, array: np.ndarray, name: str) -> None:
+    """tensor.set_data_from_numpy(array), or LiteBackendError naming the tensor.
+
+    The C++ binding returns False when the copy fails (dtype or byte size differ, or a
+    host-to-device copy fails: lite_tensor_pybind.cc SetTensorNumpyData); tensor.py
+    raises RuntimeError for a dtype or size mismatch itself and, in the releases read,
+    drops the binding's bool (returns None). Both a raise and a False are failures."""
+    try:
+        ok = tensor.set_data_from_numpy(array)
+    except RuntimeError as e:
+        raise LiteBackendError(f"{name}: set_data_from_numpy failed ({e})") from None
+    if ok is False:
+        raise LiteBackendError(
+            f"{name}: set_data_from_numpy refused {array.dtype} {list(array.shape)} "
+            f"({array.nbytes} bytes) for a tensor of {tensor.dtype} {list(tensor.shape)} "
+            f"({tensor.data_size} bytes), or the copy to the device failed")
 
 
 class BuildTurns(Protocol):
@@ -260,6 +279,10 @@ class LiteBackend(SlotBackend):
                                                   allow_version_mismatch)
         if self.version_warning:
             log.warning("%s", self.version_warning)
+        if (release_numbers(self.version) or (0, 0))[:2] not in SUPPORTED_RELEASES:
+            log.warning("mindspore_lite %s is not a release dsflow's Ascend path was written "
+                        "for (%s)", self.version,
+                        ", ".join(".".join(map(str, r)) for r in SUPPORTED_RELEASES))
         lite = manifest.lite
         self.buckets = sorted(manifest.buckets or lite.get("buckets") or [])
         self.batch_sizes = sorted(lite.get("batch_sizes") or [1])
@@ -275,6 +298,9 @@ class LiteBackend(SlotBackend):
             raise LiteBackendError(f"{manifest.root}: a resident cache without fixed slots / "
                                    "capacity (a CPU build); build the artifacts with "
                                    "--target ascend")
+        if self.cache_mode == RESIDENT and not takes_device_tensors(self.version):
+            raise LiteBackendError(resident_refusal(
+                self.version, f"{manifest.root}: built with the resident cache mode"))
         self._pairs: Optional[list[list]] = None  # two [key, value] device pairs
         self._current = 0  # the pair holding the cache
         config_dict = self._config_dict(manifest, rank, int(device_id), rank_table)
@@ -390,9 +416,9 @@ class LiteBackend(SlotBackend):
     def _allocate_resident(self, slots: int, capacity: int) -> dict:
         zeros = np.zeros(self.resident_shape(slots, capacity), self.cache_dtype)
         pairs = self._device_pairs()
-        for pair in pairs:  # one upload each, at start-up: stale memory could hold NaN
-            for tensor in pair:
-                tensor.set_data_from_numpy(zeros)
+        for i, pair in enumerate(pairs):  # one upload each, at start-up: stale memory
+            for name, tensor in zip(CACHE_INPUTS, pair):  # could hold NaN
+                set_data(tensor, zeros, f"rank {self.rank} {name} (pair {i}, {self.device})")
         self._current = 0
         return {"cache_bytes": 2 * len(CACHE_INPUTS) * zeros.nbytes, "copy_slot": False}
 
@@ -413,7 +439,9 @@ class LiteBackend(SlotBackend):
             model.resize(model.get_inputs(), shapes)
             self._shapes[kind] = shapes
         rows, vocab = shapes[0][0], sig.outputs[0].shape[1]
-        logits = T(shape=[rows, vocab], dtype=self._ms.DataType.FLOAT32)
+        # a host output needs a host buffer: Tensor(shape=, dtype=) has none (types.cc
+        # CreateTensor with no data) and GE refuses it ("Output data ptr is nullptr")
+        logits = T(np.empty((rows, vocab), np.float32))
         model.predict(inputs, outputs=[logits, *other])
         self._current = 1 - self._current
         return np.asarray(logits.get_data_to_numpy(), np.float32)

@@ -9,18 +9,43 @@ As strict as the real API wherever the backend could go wrong. Each rule names t
 of mindspore-ai/mindspore-lite (mindspore-lite/python/api/..., or the C++ under
 mindspore-lite/src/...) it reproduces; rules marked "fake:" are this fake's own
 invariants, not the library's. Written from reading those sources, not copied.
+
+Two releases (tests run the Lite backend against both, tests/test_lite.py `fake_lite`):
+  - "2.7": the GE executor of mindspore-lite up to mid-2026 (the 2025-07 snapshot of
+    src/extendrt/delegate/ascend_ge/ge_graph_executor.cc, shipped in 2.3-2.7): predict
+    reads each input through MSTensor::Data() and memcpys each output into its host
+    buffer, so a device tensor (`device="ascend:N"`) as an input or output is refused
+    here (on a card: a null host pointer, i.e. an error or a crash);
+  - "2026": the 2026 ge_graph_executor.cc that adds zero-copy: device tensors are
+    passed to GE as they are.
+`DSFLOW_FAKE_LITE_VERSION` sets `__version__` (default 2.10.0) and
+`DSFLOW_FAKE_LITE_ZERO_COPY` ("1"/"0") the executor; unset, releases from 2.10 on are
+zero-copy (what dsflow assumes: artifacts/lite.py ZERO_COPY_RELEASE).
 """
 from __future__ import annotations
 
 import importlib
 import itertools
 import os
+import re
 from enum import Enum
 
 import numpy as np
 
 # version.py: the package's __version__ (released in step with MindSpore's)
 __version__ = os.environ.get("DSFLOW_FAKE_LITE_VERSION", "2.10.0")
+
+
+def _zero_copy() -> bool:
+    """fake: which executor this release has (module docstring)."""
+    flag = os.environ.get("DSFLOW_FAKE_LITE_ZERO_COPY", "")
+    if flag:
+        return flag not in ("0", "false", "no")
+    m = re.match(r"(\d+)\.(\d+)", __version__)
+    return bool(m) and (int(m[1]), int(m[2])) >= (2, 10)
+
+
+ZERO_COPY = _zero_copy()
 IMPORT_ENV = {k: os.environ.get(k) for k in ("HCCL_NPU_SOCKET_PORT_RANGE",
                                              "HCCL_CONNECT_TIMEOUT")}
 CALLS: list[tuple] = []
@@ -181,7 +206,17 @@ def _check_shape_and_device(shape, device) -> None:
 
 
 class Tensor:
-    """tensor.py Tensor(tensor=None, shape=None, dtype=None, device=None)."""
+    """tensor.py Tensor(tensor=None, shape=None, dtype=None, device=None).
+
+    Where the data lives, after src/litert/cxx_api/types.cc and python/api/
+    lite_tensor_pybind.cc (create_tensor, create_tensor_by_numpy):
+      - from numpy: a host buffer (the array's), plus device memory holding a copy when
+        `device` is given;
+      - `shape` and `dtype` alone, no device: NO buffer at all
+        (MSTensor::CreateTensor(name, type, shape, nullptr, 0)); the executor refuses it
+        as an output (`Model.predict`);
+      - `shape`, `dtype` and a device: device memory only.
+    """
 
     def __init__(self, tensor=None, shape=None, dtype=None, device=None, _log=True):
         _check_shape_and_device(shape, device)
@@ -189,7 +224,7 @@ class Tensor:
             _check_type("dtype", dtype, DataType)
         self.tag = next(_ids)
         self.device = device
-        self._shape = None  # a graph input with dynamic (-1) dims holds no data
+        self._shape = None  # shape of a tensor with no buffer
         if isinstance(tensor, Tensor):
             tensor = tensor.get_data_to_numpy()
         if isinstance(tensor, np.ndarray):
@@ -201,15 +236,15 @@ class Tensor:
                 raise TypeError("user set dtype is not equal numpy dtype")
             self._data = np.ascontiguousarray(tensor).copy()
             self._dtype = _FROM_NP[tensor.dtype.type]
-            self._moved("upload")  # tensor.py: create_tensor_by_numpy(data, device)
+            self._moved("upload")  # lite_tensor_pybind.cc create_tensor_by_numpy
         elif tensor is not None:
             raise TypeError(f"tensor must be MindSpore Lite's Tensor._tensor or numpy ndarray, "
                             f"but got {type(tensor)}.")
         elif shape is not None and dtype is not None:
             self._dtype = dtype
-            if any(d < 0 for d in shape):
+            if device is None or any(d < 0 for d in shape):  # types.cc: no buffer
                 self._shape, self._data = list(shape), None
-            else:
+            else:  # device memory (AscendAllocatorPlugin::Malloc), contents undefined
                 self._data = np.zeros(shape, _NP[dtype])
         else:  # tensor.py: an empty float32 tensor
             self._dtype, self._data = DataType.FLOAT32, np.zeros((), np.float32)
@@ -222,10 +257,15 @@ class Tensor:
         if self.device is not None and self._data is not None:
             CALLS.append((direction, self.tag, self._data.nbytes))
 
+    @property
+    def has_buffer(self) -> bool:
+        """fake: whether the tensor holds data (host or device) an executor can use."""
+        return self._data is not None
+
     def _peek(self):
         """fake: the data as the graph sees it (no copy logged: it stays on its side)."""
         if self._data is None:
-            raise RuntimeError("fake: tensor of dynamic shape holds no data")
+            raise RuntimeError("fake: tensor without a buffer holds no data")
         return self._data
 
     @property
@@ -238,7 +278,13 @@ class Tensor:
 
     @property
     def data_size(self):
-        return 0 if self._data is None else self._data.nbytes
+        """types.cc MSTensor::DataSize: elements x item size, whether or not a buffer
+        exists (0 for a dynamic shape)."""
+        if self._data is not None:
+            return self._data.nbytes
+        if any(d < 0 for d in self._shape):
+            return 0
+        return int(np.prod(self._shape, dtype=np.int64)) * np.dtype(_NP[self._dtype]).itemsize
 
     def get_data_to_numpy(self):
         """tensor.py get_data_to_numpy: a copy on the host (from the device for a
@@ -248,20 +294,27 @@ class Tensor:
         return data
 
     def set_data_from_numpy(self, array):
-        """tensor.py set_data_from_numpy: ndarray (TypeError), a known numpy dtype
-        (TypeError), the tensor's dtype (RuntimeError) and byte size (RuntimeError)."""
+        """tensor.py set_data_from_numpy: an ndarray (TypeError) of a known numpy dtype
+        (TypeError); then the C++ binding, lite_tensor_pybind.cc SetTensorNumpyData,
+        which returns False when the array's dtype or byte size differ from the
+        tensor's (or a device copy fails) and True once the data is set: a host tensor
+        takes the array as its buffer, a device tensor gets a host-to-device copy.
+
+        The 2025-07 tensor.py raises RuntimeError itself for a dtype or size mismatch
+        and then drops the binding's bool (returns None); this fake hands the bool back
+        instead, the harder case for a caller, which must treat both a raise and a
+        False as a failed copy."""
         if not isinstance(array, np.ndarray):
             raise TypeError(f"numpy_obj must be numpy.ndarray, but got {type(array)}.")
         if array.dtype.type not in _FROM_NP:
             raise TypeError(f"Unsupported numpy dtype value {array.dtype}")
-        if _FROM_NP[array.dtype.type] != self._dtype:
-            raise RuntimeError(f"data type not equal! Numpy type: {array.dtype.type}, "
-                               f"Tensor type: {self._dtype}")
-        if array.nbytes != self.data_size:
-            raise RuntimeError(f"data size not equal! Numpy size: {array.nbytes}, "
-                               f"Tensor size: {self.data_size}")
-        self._data = np.ascontiguousarray(array).reshape(self._data.shape).copy()
+        if _FROM_NP[array.dtype.type] != self._dtype or array.nbytes != self.data_size:
+            return False
+        shape = self.shape
+        self._data = np.ascontiguousarray(array).reshape(shape).copy()
+        self._shape = None
         self._moved("upload")
+        return True
 
 
 def _check_config_dict(config_dict) -> None:
@@ -358,6 +411,7 @@ class Model:
             for t in outputs:
                 _check_type("outputs element", t, Tensor)
         self._check_devices(inputs, outputs or [])
+        self._check_buffers(inputs, outputs or [])
         arrays = [t._peek().copy() for t in inputs]  # read where they are: no transfer
         # fake: the backend keeps resize in step with what it feeds, in the graph's dtypes
         if [list(a.shape) for a in arrays] != [t.shape for t in self._inputs]:
@@ -383,6 +437,27 @@ class Model:
         for t, r in zip(outputs, results):
             t._data = np.ascontiguousarray(r).copy()  # written where it lives: no transfer
         return outputs
+
+    @staticmethod
+    def _check_buffers(inputs, outputs) -> None:
+        """src/extendrt/delegate/ascend_ge/ge_graph_executor.cc (RunGraph: inputs and
+        preallocated outputs become GE tensors through their data pointers):
+          - an input or output with no buffer is refused ("Input/Output data ptr is
+            nullptr"): `Tensor(shape=, dtype=)` without a device has none (types.cc);
+          - before the 2026 zero-copy change the executor takes every tensor's host
+            pointer, MSTensor::Data(), and memcpys outputs into it, so a device tensor
+            cannot be passed (its host pointer is null: on a card an error or a crash);
+            only a ZERO_COPY release hands device memory to GE as it is."""
+        for what, tensors in (("Input", inputs), ("Output", outputs)):
+            for t in tensors:
+                if not t.has_buffer:
+                    raise RuntimeError(f"{what} data ptr is nullptr (tensor {t.tag} "
+                                       f"{t.shape} {t.dtype}: created with no buffer)")
+                if t.device and not ZERO_COPY:
+                    raise RuntimeError(
+                        f"{what} data ptr is nullptr: mindspore_lite {__version__} reads "
+                        f"predict tensors on the host, and tensor {t.tag} is on {t.device} "
+                        "(device tensors need the zero-copy GE executor)")
 
     def _check_devices(self, inputs, outputs) -> None:
         """fake: a device tensor must be on this model's card (Context device_id), and
