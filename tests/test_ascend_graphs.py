@@ -38,10 +38,15 @@ FUSED_PREFILL = {"PromptFlashAttention": CFG.num_layers,
                  "RmsNorm": 2 * CFG.num_layers + 1,
                  "RotaryPositionEmbedding": 2 * CFG.num_layers}
 FUSED_DECODE = {"IncreFlashAttention": CFG.num_layers,
-                "KVCacheScatterUpdate": 2 * CFG.num_layers,
                 "RmsNorm": 2 * CFG.num_layers + 1,
                 "RotaryPositionEmbedding": 2 * CFG.num_layers}
-# The portable chains the fused ops replace: none may remain in an Ascend graph.
+# Decode writes the new K and V of each layer with one Select each (graphs/kernels/
+# ascend.py write_token): KVCacheScatterUpdate has no GE adapter (docs/ASCEND.md §8).
+DECODE_WRITES = {"Select": 2 * CFG.num_layers}
+# Operators with no GE operator adapter, which Lite's GE path cannot convert.
+NO_GE_ADAPTER = {"KVCacheScatterUpdate"}
+# The portable chains the fused ops replace: none may remain in an Ascend graph
+# (decode's Selects are its K/V writes, counted exactly by DECODE_WRITES).
 DECOMPOSED = {"Softmax", "BatchMatMul", "ReduceMax", "Exp", "Select", "Rsqrt", "Square",
               "ReduceMean", "Neg", "TensorScatterUpdate", "Unstack"}
 ASCEND_ONLY = {"PromptFlashAttention", "IncreFlashAttention", "FlashAttentionScore",
@@ -49,7 +54,7 @@ ASCEND_ONLY = {"PromptFlashAttention", "IncreFlashAttention", "FlashAttentionSco
                "KVCacheScatterUpdate", "RmsNorm", "RotaryPositionEmbedding",
                "ApplyRotaryPosEmb", "Swiglu"}
 INPUT_LAYOUT_BNSD = 1  # MindIR stores input_layout as an enum int (BSH 0, BNSD 1, ...)
-SCATTER_REDUCE_UPDATE = 3
+HIGH_PRECISION = 0  # PFA/IFA inner_precise: 0 = high precision for fp16, 1 = performance
 
 
 def export_rank(root: Path, target: str, tp: int, rank: int,
@@ -112,9 +117,10 @@ def graphs(exported):
 @pytest.mark.parametrize("kind", GRAPH_KINDS)
 def test_ascend_graphs_hold_the_fused_ops_and_no_decomposed_attention(graphs, tp, kind):
     ops = graphs["ascend", tp, kind]["ops"]
-    expected = FUSED_PREFILL if kind == "prefill" else FUSED_DECODE
+    expected = FUSED_PREFILL if kind == "prefill" else {**FUSED_DECODE, **DECODE_WRITES}
     assert {op: ops.get(op, 0) for op in expected} == expected
-    assert not DECOMPOSED & set(ops), f"decomposed ops left: {DECOMPOSED & set(ops)}"
+    left = (DECOMPOSED - set(expected)) & set(ops)
+    assert not left, f"decomposed ops left: {left}"
 
 
 @pytest.mark.parametrize("tp", TPS)
@@ -128,12 +134,10 @@ def test_fused_op_arguments(exported, tp):
     # sparse_mode, inner_precise (the last 8 constant inputs, constructor order)
     for args in op_arguments(rank0 / "prefill.mindir", "PromptFlashAttention"):
         assert args[-8:] == [heads, scale, 2**31 - 1, 2**31 - 1, INPUT_LAYOUT_BNSD, kv_heads,
-                             0, 1]
+                             0, HIGH_PRECISION]
     # IncreFlashAttention: num_heads, layout, scale, kv heads, block_size, inner_precise
     for args in op_arguments(rank0 / "decode.mindir", "IncreFlashAttention"):
-        assert args[-6:] == [heads, INPUT_LAYOUT_BNSD, scale, kv_heads, 0, 1]
-    for args in op_arguments(rank0 / "decode.mindir", "KVCacheScatterUpdate"):
-        assert args == [-2, SCATTER_REDUCE_UPDATE]
+        assert args[-6:] == [heads, INPUT_LAYOUT_BNSD, scale, kv_heads, 0, HIGH_PRECISION]
     for kind in GRAPH_KINDS:
         assert {tuple(a) for a in op_arguments(rank0 / f"{kind}.mindir",
                                                "RotaryPositionEmbedding")} == {(0,)}
@@ -311,8 +315,24 @@ def test_resident_graphs_export_with_the_resident_signature(resident_graphs, tar
     if target == "ascend":
         expected = FUSED_PREFILL if kind == "prefill" else FUSED_DECODE
         assert {op: ops.get(op, 0) for op in expected} == expected
-        assert {op: ops.get(op, 0) for op in RESIDENT_PLUMBING} == RESIDENT_PLUMBING
+        writes = {} if kind == "prefill" else DECODE_WRITES
+        plumbing = {op: n + writes.get(op, 0) for op, n in RESIDENT_PLUMBING.items()}
+        assert {op: ops.get(op, 0) for op in plumbing} == plumbing
         left = (DECOMPOSED - set(RESIDENT_PLUMBING)) & set(ops)
         assert not left, f"decomposed ops left: {left}"
     else:
         assert not ASCEND_ONLY & set(ops)
+
+
+@pytest.mark.parametrize("tp", TPS)
+@pytest.mark.parametrize("kind", GRAPH_KINDS)
+def test_no_ascend_graph_holds_an_op_without_a_ge_adapter(graphs, resident_graphs, tp, kind):
+    """Both cache modes (window: `--cache-mode window`, the default on Lite 2.5-2.7;
+    resident: the default where Lite takes device tensors), read from the exported
+    MindIR: no KVCacheScatterUpdate (no GE adapter), and the fused attention kept."""
+    fused = "PromptFlashAttention" if kind == "prefill" else "IncreFlashAttention"
+    for mode, g in (("window", graphs["ascend", tp, kind]),
+                    ("resident", resident_graphs["ascend", tp, kind])):
+        ops = g["ops"]
+        assert not NO_GE_ADAPTER & set(ops), (mode, NO_GE_ADAPTER & set(ops))
+        assert ops.get(fused, 0) == CFG.num_layers, (mode, ops)
