@@ -336,3 +336,27 @@ def test_no_ascend_graph_holds_an_op_without_a_ge_adapter(graphs, resident_graph
         ops = g["ops"]
         assert not NO_GE_ADAPTER & set(ops), (mode, NO_GE_ADAPTER & set(ops))
         assert ops.get(fused, 0) == CFG.num_layers, (mode, ops)
+
+
+# ---- another MindSpore release (the Ascend path supports 2.5, 2.6, 2.7 and 2.10) ------
+OTHER_RELEASE_PYTHON = Path(__file__).resolve().parents[2] / "venv-ms27" / "bin" / "python"
+
+
+@pytest.mark.timeout(900)
+def test_ascend_graphs_export_under_mindspore_27():
+    """tools/verify_ascend_export.py under MindSpore 2.7 (a venv beside the checkout,
+    $DSFLOW_OTHER_MS_PYTHON or ../venv-ms27; docs/ASCEND.md section 8 says how to make
+    it): every Ascend graph exports, without KVCacheScatterUpdate, with the fused
+    attention in high-precision mode and GQA heads."""
+    import os
+    import subprocess
+    python = Path(os.environ.get("DSFLOW_OTHER_MS_PYTHON") or OTHER_RELEASE_PYTHON)
+    if not python.is_file():
+        pytest.skip(f"{python} not found: no venv with another MindSpore release here "
+                    "(docs/ASCEND.md section 8 shows how to make one)")
+    tool = Path(__file__).resolve().parents[1] / "tools" / "verify_ascend_export.py"
+    proc = subprocess.run([str(python), str(tool), "--json"], capture_output=True, text=True,
+                          timeout=850)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert proc.returncode == 0 and len(rows) == 8, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert {r["mindspore"] for r in rows} != {"2.10.0"} and all(r["ok"] for r in rows)

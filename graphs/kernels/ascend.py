@@ -161,7 +161,7 @@ class Attention(nn.Cell):
         keys = ops.concat((k_past, k), 2)
         values = ops.concat((v_past, v), 2)
         out = self.pfa(self._half(self._bnsd(q)), keys, values,
-                       self.prefill_full_mask(ctx, mask))  # [b, heads, s, hd]
+                       attn_mask=self.prefill_full_mask(ctx, mask))  # [b, heads, s, hd]
         out = ops.reshape(self._bnsd(out), (-1, self.heads * self.head_dim))
         return ops.cast(out, q.dtype), k, v
 
@@ -186,6 +186,9 @@ class Attention(nn.Cell):
         v = self._half(ops.reshape(v, (-1, self.kv_heads, 1, self.head_dim)))
         k_past = self.write_token(k_past, k, ctx)
         v_past = self.write_token(v_past, v, ctx)
-        out = self.ifa(q, [k_past], [v_past], masked, lengths)  # [b, heads, 1, hd]
+        # by keyword: IncreFlashAttention's optional inputs changed order across releases
+        # (older GE adapters: 5 padding_mask, 6 actual_seq_lengths; docs/ASCEND.md §8)
+        out = self.ifa(q, [k_past], [v_past], attn_mask=masked,
+                       actual_seq_lengths=lengths)  # [b, heads, 1, hd]
         out = ops.reshape(out, (-1, self.heads * self.head_dim))
         return ops.cast(out, dtype), k, v
