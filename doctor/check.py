@@ -47,11 +47,12 @@ class Run:
 
 
 def _build(checkpoint: Path, out: Path, target: str, tp: int,
-           device_ids: Optional[Sequence[int]]) -> None:
+           device_ids: Optional[Sequence[int]], cache_mode: Optional[str]) -> None:
     from dsflow.export.pipeline.build import BuildOptions, build
     build(BuildOptions(model_dir=checkpoint, out=out, tp=tp, target=target, max_seq_len=MAX_SEQ,
                        buckets=ASCEND_BUCKETS if target == "ascend" else None,
-                       device_ids=list(device_ids) if device_ids else None))
+                       device_ids=list(device_ids) if device_ids else None,
+                       cache_mode=cache_mode))
     if target == "ascend" and tp > 1:
         _single_host_rank_table(out / RANK_TABLE_NAME)
 
@@ -83,13 +84,14 @@ def _execute(run: Run, artifacts: Path, device_ids: Optional[Sequence[int]],
 
 def run_target(checkpoint: Path, work: Path, target: str, tp: int,
                device_ids: Optional[Sequence[int]] = None,
-               forced: Optional[list[int]] = None) -> Run:
-    """Build and run one (target, tp); any failure is recorded in `Run.error`."""
+               forced: Optional[list[int]] = None, cache_mode: Optional[str] = None) -> Run:
+    """Build and run one (target, tp); any failure is recorded in `Run.error`.
+    `cache_mode` None: the build's default (on Ascend: the exporting MindSpore's)."""
     run = Run(target, tp)
     out = work / f"{target}-tp{tp}"
     try:
         t0 = time.perf_counter()
-        _build(checkpoint, out, target, tp, device_ids)
+        _build(checkpoint, out, target, tp, device_ids, cache_mode)
         run.build_s = time.perf_counter() - t0
         _execute(run, out, device_ids, forced)
     except DsflowError as e:

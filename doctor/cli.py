@@ -32,13 +32,14 @@ def _environment(env: Environment) -> None:
 
 
 def _runs(checkpoint: Path, work: Path, target: str, devices: Optional[list[int]],
-          reference: Optional[Run]) -> tuple[list[Run], bool]:
+          reference: Optional[Run], cache_mode: Optional[str] = None) -> tuple[list[Run], bool]:
     """tp 1 and 2 of one target, each compared with `reference` (default: the first)."""
     runs, ok = [], True
     for tp in TPS:
         ids = devices[:tp] if devices else None
         run = run_target(checkpoint, work, target, tp, ids,
-                         forced=reference.tokens if reference and not reference.error else None)
+                         forced=reference.tokens if reference and not reference.error else None,
+                         cache_mode=cache_mode)
         runs.append(run)
         reference = reference or run
         if run.error:
@@ -114,9 +115,18 @@ def _checks(env: Environment, work: Path, device: str, cards: list[int]) -> bool
             click.echo(f"  - {item}")
         _summary(ok, False)
         return False
-    ascend_ok = _runs(checkpoint, work, "ascend", cards, cpu_runs[0])[1]
+    ascend_ok = ascend_half(env, checkpoint, work, cards, cpu_runs[0])
     _summary(ok, ascend_ok)
     return ok and ascend_ok
+
+
+def ascend_half(env: Environment, checkpoint: Path, work: Path, cards: list[int],
+                reference: Run) -> bool:
+    """tp 1 and 2 through MindSpore Lite, built in the cache mode the found Lite takes
+    (resident only where it takes device tensors), compared with `reference`."""
+    click.echo(f"cache mode {env.ascend_cache_mode} (the one mindspore_lite "
+               f"{env.lite_version} takes)")
+    return _runs(checkpoint, work, "ascend", cards, reference, env.ascend_cache_mode)[1]
 
 
 def _summary(cpu_ok: bool, ascend_ok: Optional[bool]) -> None:

@@ -15,10 +15,19 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Optional
 
+from dsflow.artifacts.lite import (CPU_RELEASE, SUPPORTED_RELEASES, ZERO_COPY_RELEASE,
+                                   ascend_cache_mode, release_numbers)
 from dsflow.export.pipeline.lite_build import CANN_ENVS, find_cann, find_converter
 
 PROBE_TIMEOUT_S = 60
 DEFAULT_PORT_RANGE = "21500-21600"  # what the Lite backend sets when unset
+# The Lite backend's override for a MindSpore/Lite release mismatch (runtime/backends/
+# lite.py VERSION_OVERRIDE_ENV); the doctor honours it the same way.
+MISMATCH_OVERRIDE_ENV = "DSFLOW_ALLOW_LITE_VERSION_MISMATCH"
+
+
+def _release(numbers) -> str:
+    return ".".join(map(str, numbers))
 
 
 @dataclass
@@ -27,6 +36,9 @@ class Environment:
     # what the Ascend half lacks here, one self-contained sentence each
     ascend_missing: list[str] = field(default_factory=list)
     lite_version: Optional[str] = None
+    mindspore_version: Optional[str] = None
+    # the Ascend half's cache mode: the one the found Lite takes (artifacts/lite.py)
+    ascend_cache_mode: Optional[str] = None
 
     def add(self, label: str, value: str) -> None:
         self.lines.append((label, value))
@@ -95,6 +107,43 @@ def _npus(env: Environment) -> None:
         env.ascend_missing.append(f"npu-smi info failed (exit {rc}): the driver sees no card")
 
 
+def _pair(env: Environment) -> None:
+    """The MindSpore/Lite pair: which releases, whether they match (the graphs must be
+    exported by the MindSpore of the Lite's release), which cache mode that Lite takes,
+    and what to do when something is off. A mismatch stops the Ascend half unless
+    $DSFLOW_ALLOW_LITE_VERSION_MISMATCH is set (then it runs, flagged)."""
+    ms, lite = release_numbers(env.mindspore_version), release_numbers(env.lite_version)
+    if lite is None:
+        return  # mindspore_lite not importable: already reported
+    supported = ", ".join(_release(r) for r in SUPPORTED_RELEASES)
+    env.ascend_cache_mode = ascend_cache_mode(env.lite_version)
+    mode = (f"cache mode {env.ascend_cache_mode} (device tensors "
+            f"{'taken' if env.ascend_cache_mode == 'resident' else 'not taken'}: zero-copy "
+            f"GE executor from Lite {_release(ZERO_COPY_RELEASE)})")
+    notes = []
+    if lite[:2] not in SUPPORTED_RELEASES:
+        notes.append(f"Lite {env.lite_version} is not a supported release ({supported})")
+        env.ascend_missing.append(
+            f"mindspore_lite {env.lite_version} is not a release dsflow supports "
+            f"({supported}): install the mindspore_lite (and MindSpore) of one of them")
+    if ms is None or ms[:2] != lite[:2]:
+        fix = (f"export the Ascend graphs with MindSpore {_release(lite[:2])}: in this venv "
+               f"`pip install 'mindspore=={_release(lite[:2])}.*'` (the CPU half then needs "
+               f"another venv with MindSpore {_release(CPU_RELEASE)})")
+        overridden = os.environ.get(MISMATCH_OVERRIDE_ENV, "") not in ("", "0")
+        notes.append(f"MISMATCH: {fix}" + ("; overridden, results may be wrong"
+                                           if overridden else ""))
+        if not overridden:
+            env.ascend_missing.append(
+                f"MindSpore {env.mindspore_version or '(none)'} and mindspore_lite "
+                f"{env.lite_version} are different releases, and GE's operator adapters "
+                f"differ between releases: {fix}")
+    else:
+        notes.append("same release: ok")
+    env.add("MindSpore/Lite pair", f"{env.mindspore_version or '(none)'} / "
+            f"{env.lite_version}: {'; '.join(notes)}; {mode}")
+
+
 def _memory_gib() -> str:
     try:
         with open("/proc/meminfo") as f:
@@ -111,8 +160,10 @@ def probe(want_ascend: bool) -> Environment:
     env.add("python", f"{platform.python_version()} ({sys.executable})")
     env.add("platform", f"{platform.platform()}, {os.cpu_count()} CPUs, {_memory_gib()}")
     env.add("dsflow", _version("dsflow") or "not installed as a package")
-    env.add("mindspore", _version("mindspore") or "not installed")
+    env.mindspore_version = _version("mindspore")
+    env.add("mindspore", env.mindspore_version or "not installed")
     _mindspore_lite(env)
+    _pair(env)
     _cann(env)
     conv = find_converter()
     env.add("converter_lite", str(conv.path) if conv else "not found (PATH, $MSLITE_HOME); "

@@ -71,24 +71,79 @@ def test_doctor_here_runs_the_cpu_half_and_names_what_ascend_lacks(tmp_path):
     assert (tmp_path / "work" / "cpu-tp2" / "manifest.json").is_file()
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_ascend_half_reports_a_lite_runtime_that_disagrees(tmp_path, monkeypatch, tp):
-    """The Ascend half's own path (build for ascend, run through Lite workers, compare
-    with the reference), here with the fake mindspore_lite computing zeros: the doctor
-    must time the run and report a MISMATCH, not a pass."""
-    from dsflow.doctor.check import run_target
-    from dsflow.doctor.tiny_model import write_tiny_checkpoint
+# The fake mindspore_lite's releases (tests/fakes/mindspore_lite): version, zero-copy.
+RELEASES = {"2.7": ("2.7.2", "0"), "2026": ("2.10.0", "1")}
+
+
+def fake_ascend_host(tmp_path: Path, monkeypatch, release: str) -> None:
+    """CANN, an npu-smi and the fake mindspore_lite of `release` (for child processes
+    too: the probe's import and the workers)."""
+    version, zero_copy = RELEASES[release]
+    cann = tmp_path / "cann"
+    cann.mkdir(exist_ok=True)
+    smi = tmp_path / "bin" / "npu-smi"
+    smi.parent.mkdir(exist_ok=True)
+    smi.write_text("#!/bin/sh\necho '| 0  910B3 | OK |'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("ASCEND_HOME_PATH", str(cann))
+    monkeypatch.setenv("PATH", f"{smi.parent}:{os.environ['PATH']}")
     monkeypatch.setenv("PYTHONPATH", f"{FAKES}:{FAKES.parent}")
+    monkeypatch.setenv("DSFLOW_FAKE_LITE_VERSION", version)
+    monkeypatch.setenv("DSFLOW_FAKE_LITE_ZERO_COPY", zero_copy)
     monkeypatch.setenv("DSFLOW_FAKE_LITE_KERNEL", "lite_inputs:zero_outputs")
     monkeypatch.setenv("DSFLOW_FAKE_LITE_INPUTS", "lite_inputs:from_manifest")
     monkeypatch.setenv("DSFLOW_GE_CACHE", str(tmp_path / "ge-cache"))
+    monkeypatch.setenv("DSFLOW_LITE_BUILD_STAGGER_S", "0")
+    monkeypatch.delenv("DSFLOW_ALLOW_LITE_VERSION_MISMATCH", raising=False)
+    monkeypatch.delenv("DSFLOW_LITE_DEVICE_TENSORS", raising=False)
+
+
+def test_probe_reports_the_mindspore_lite_pair_and_what_to_do(tmp_path, monkeypatch):
+    """This venv has MindSpore 2.10: with Lite 2.10 the pair matches (resident cache);
+    with Lite 2.7 it does not, and the Ascend half is stopped with the command that
+    fixes it, unless the mismatch override is set (then it runs in the window mode)."""
+    fake_ascend_host(tmp_path, monkeypatch, "2026")
+    env = probe(want_ascend=True)
+    pair = dict(env.lines)["MindSpore/Lite pair"]
+    assert pair.startswith("2.10.0 / 2.10.0: same release: ok; cache mode resident"), pair
+    assert env.ascend_missing == [] and env.ascend_cache_mode == "resident"
+    fake_ascend_host(tmp_path, monkeypatch, "2.7")
+    env = probe(want_ascend=True)
+    pair = dict(env.lines)["MindSpore/Lite pair"]
+    assert "MISMATCH" in pair and "pip install 'mindspore==2.7.*'" in pair, pair
+    assert "cache mode window" in pair and env.ascend_cache_mode == "window"
+    assert len(env.ascend_missing) == 1 and "different releases" in env.ascend_missing[0]
+    monkeypatch.setenv("DSFLOW_ALLOW_LITE_VERSION_MISMATCH", "1")
+    env = probe(want_ascend=True)
+    assert env.ascend_missing == [] and "overridden" in dict(env.lines)["MindSpore/Lite pair"]
+
+
+@pytest.mark.timeout(DOCTOR_TIMEOUT_S)
+@pytest.mark.parametrize("release", sorted(RELEASES))
+def test_ascend_half_reaches_a_diagnosis_with_each_lite_release(tmp_path, monkeypatch,
+                                                                capsys, release):
+    """The Ascend half's own path (build for ascend in the cache mode the found Lite
+    takes, run through Lite workers at tp 1 and 2, compare with the reference), here
+    with the fake mindspore_lite computing zeros: the doctor must time the runs and
+    report a MISMATCH, never a failed run. The 2.7 release runs as if MindSpore 2.7
+    had exported (the mismatch override: this venv has 2.10), so in the window mode."""
+    from dsflow.doctor.cli import ascend_half
+    from dsflow.doctor.tiny_model import write_tiny_checkpoint
+    fake_ascend_host(tmp_path, monkeypatch, release)
+    if release == "2.7":
+        monkeypatch.setenv("DSFLOW_ALLOW_LITE_VERSION_MISMATCH", "1")
+    env = probe(want_ascend=True)
+    assert env.ascend_missing == [], env.ascend_missing
     checkpoint = write_tiny_checkpoint(tmp_path / "model")
     reference = run_of([5, 6, 7, 8, 9, 10, 11, 12], np.eye(9, 320, 5, dtype=np.float32) * 3)
-    monkeypatch.setenv("DSFLOW_LITE_BUILD_STAGGER_S", "0")
-    run = run_target(checkpoint, tmp_path, "ascend", tp, [0, 1][:tp], forced=reference.tokens)
-    assert run.error is None, run.error
-    assert run.build_s > 0 and run.warm_up_s > 0 and run.logits.shape == (9, 320)
-    agrees, line = compare(reference, run)
-    assert not agrees and "tokens differ" in line and "NOT a tie" in line, line
-    manifest = (tmp_path / f"ascend-tp{tp}" / "manifest.json").read_text()
-    assert '"target": "ascend"' in manifest and '"float16"' in manifest
+    capsys.readouterr()
+    ok = ascend_half(env, checkpoint, tmp_path, [0, 1], reference)
+    out = capsys.readouterr().out
+    mode = "window" if release == "2.7" else "resident"
+    assert not ok and "FAILED" not in out, out
+    assert f"cache mode {mode}" in out
+    for tp in (1, 2):
+        assert f"ascend tp{tp}: build" in out, out
+        manifest = (tmp_path / f"ascend-tp{tp}" / "manifest.json").read_text()
+        assert f'"cache_mode": "{mode}"' in manifest
+    assert out.count("MISMATCH: tokens differ") == 2 and "NOT a tie" in out, out

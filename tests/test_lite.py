@@ -896,6 +896,10 @@ def test_build_chooses_resident_only_where_lite_takes_device_tensors(tmp_path, m
         build_mod.build(build_mod.BuildOptions(model_dir=tmp_path, out=tmp_path / "out",
                                                target="ascend", cache_mode="resident"))
     assert not (tmp_path / "out").exists()
+    with pytest.raises(ExportError, match="--target cpu: MindSpore 2\\.7\\.2 .*2\\.10"):
+        build_mod.build(build_mod.BuildOptions(model_dir=tmp_path, out=tmp_path / "out",
+                                               target="cpu"))
+    assert not (tmp_path / "out").exists()
 
 
 def cwd_checking_converter(bin_dir: Path) -> Path:

@@ -33,7 +33,8 @@ from dsflow.common.errors import ExportError
 from dsflow.artifacts.manifest import (GENERATION_CONFIG, MANIFEST_NAME, kv_cache_section,
                                        write_manifest)
 from dsflow.common.atomic import make_staging_dir
-from dsflow.artifacts.lite import ascend_cache_mode, resident_refusal, takes_device_tensors
+from dsflow.artifacts.lite import (CPU_RELEASE, ascend_cache_mode, release_numbers,
+                                   resident_refusal, takes_device_tensors)
 from dsflow.export.weights.rank_files import (ShardsIndex, check_shards, is_shards_dir, read_index, read_rank,
                           write_shards)
 
@@ -246,6 +247,13 @@ def build(opts: BuildOptions, progress: Progress = _no_progress,
     if opts.resolved_cache_mode() not in CACHE_MODES:
         raise ExportError(f"--cache-mode {opts.cache_mode}: unknown (choose from "
                           f"{', '.join(CACHE_MODES)})")
+    found = release_numbers(_mindspore_version())
+    if opts.target == "cpu" and found is not None and found[:2] != CPU_RELEASE:
+        raise ExportError(
+            f"--target cpu: MindSpore {_mindspore_version()} is installed, but the CPU path "
+            f"runs on MindSpore {'.'.join(map(str, CPU_RELEASE))} only (older releases here "
+            "serve Ascend exports for the Lite of the same release): use a venv with "
+            "`pip install 'mindspore==2.10.*'`")
     if (opts.target == "ascend" and opts.cache_mode == "resident"
             and not takes_device_tensors(_mindspore_version())):
         raise ExportError(resident_refusal(_mindspore_version(), "--cache-mode resident"))
