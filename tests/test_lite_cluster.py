@@ -6,6 +6,7 @@ real Lite or Ascend runs here."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -43,7 +44,8 @@ def ascend_artifacts(root: Path, tp: int, cache_mode: str = "window") -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(TOKENIZER_DIR / name, root / "tokenizer" / name)
     data = {"target": "ascend", "dtype": "bfloat16", "tp": tp, "model": CFG.to_dict(),
-            "mindspore_version": "2.10.0",
+            # exported by the MindSpore of the (fake) Lite's release
+            "mindspore_version": os.environ.get("DSFLOW_FAKE_LITE_VERSION") or "2.10.0",
             "buckets": BUCKETS,
             "kv_cache": {"dtype": "float16", "max_seq_len": 64, "cache_mode": cache_mode},
             "graphs": graphs}
@@ -69,14 +71,35 @@ def expected_tokens(prompt: list[int], n: int) -> list[int]:
     return out
 
 
-@pytest.fixture
-def fake_lite_env(monkeypatch, tmp_path):
+# The fake mindspore_lite's releases (tests/fakes/mindspore_lite): version, zero-copy.
+RELEASES = {"2.7": ("2.7.2", "0"), "2026": ("2.10.0", "1")}
+
+
+def _fake_env(monkeypatch, tmp_path, release: str) -> None:
+    version, zero_copy = RELEASES[release]
+    monkeypatch.setenv("DSFLOW_FAKE_LITE_VERSION", version)
+    monkeypatch.setenv("DSFLOW_FAKE_LITE_ZERO_COPY", zero_copy)
+    monkeypatch.delenv("DSFLOW_LITE_DEVICE_TENSORS", raising=False)
+    monkeypatch.delenv("DSFLOW_ALLOW_LITE_VERSION_MISMATCH", raising=False)
     monkeypatch.setenv("PYTHONPATH", f"{FAKES}:{FAKES.parent}")
     monkeypatch.setenv("DSFLOW_FAKE_LITE_KERNEL", "token_sum_kernel:kernel")
     monkeypatch.setenv("DSFLOW_FAKE_LITE_INPUTS", "lite_inputs:from_manifest")
     monkeypatch.setenv("DSFLOW_GE_CACHE", str(tmp_path / "ge-cache"))
     monkeypatch.setenv("DSFLOW_LITE_BUILD_STAGGER_S", "0")
     monkeypatch.syspath_prepend(str(FAKES.parent))
+
+
+@pytest.fixture(params=sorted(RELEASES))
+def fake_lite_env(request, monkeypatch, tmp_path):
+    """Workers import the fake mindspore_lite of each release in turn."""
+    _fake_env(monkeypatch, tmp_path, request.param)
+    return request.param
+
+
+@pytest.fixture
+def zero_copy_env(monkeypatch, tmp_path):
+    """The 2026 release only: the resident cache mode needs device tensors."""
+    _fake_env(monkeypatch, tmp_path, "2026")
 
 
 @pytest.mark.parametrize("tp", [1, 2])
@@ -98,7 +121,7 @@ def test_ascend_device_generates_through_worker_processes(tmp_path, fake_lite_en
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-def test_resident_cache_generates_through_worker_processes(tmp_path, fake_lite_env,
+def test_resident_cache_generates_through_worker_processes(tmp_path, zero_copy_env,
                                                            monkeypatch, capfd, tp):
     """The device-resident cache (the Ascend default): 2 slots x 64 positions fixed at
     build, requests sharing steps, a chunked prompt; the token-sum kernel reads every
@@ -146,8 +169,20 @@ def test_devices_that_contradict_the_rank_table_are_reported(tmp_path, fake_lite
 def test_mismatched_lite_version_is_refused_by_every_rank(tmp_path, fake_lite_env,
                                                          monkeypatch):
     monkeypatch.setenv("DSFLOW_FAKE_TP", "1")
-    monkeypatch.setenv("DSFLOW_FAKE_LITE_VERSION", "2.9.1")
     art = ascend_artifacts(tmp_path / "art", 1)
-    with pytest.raises(Exception, match=r"MindSpore 2\.10\.0, but this mindspore_lite is "
+    exported = os.environ["DSFLOW_FAKE_LITE_VERSION"]
+    monkeypatch.setenv("DSFLOW_FAKE_LITE_VERSION", "2.9.1")
+    with pytest.raises(Exception, match=rf"MindSpore {exported}, but this mindspore_lite is "
                                         r"2\.9\.1"):
+        Engine(art, device="ascend")
+
+
+def test_resident_artifacts_are_refused_by_a_lite_without_device_tensors(tmp_path, monkeypatch):
+    """Lite 2.7 (host-pointer GE executor): resident artifacts stop at start-up with the
+    one line saying how to rebuild, from the workers, not at the first predict."""
+    _fake_env(monkeypatch, tmp_path, "2.7")
+    monkeypatch.setenv("DSFLOW_FAKE_TP", "1")
+    art = ascend_artifacts(tmp_path / "art", 1, "resident")
+    with pytest.raises(Exception, match=r"mindspore_lite 2\.7\.2 cannot take .*"
+                                        r"--cache-mode window"):
         Engine(art, device="ascend")
