@@ -50,12 +50,14 @@ dynamic in an exported MindIR (a CPU resident build serves any --max-batch /
 
 Positions, starts and lengths are int32 whatever the compute dtype.
 
-Inputs are listed in name order. GE (the Ascend graph engine) pairs the entries of
-`ge.inputShape` and the values of each dynamic-dims gear with the graph's Data nodes by
-position: current GE sorts the nodes by name first (CANN ge
-compiler/graph/preprocess/multi_batch_options.cc, SortDataNodesByName), older GE took
-them in graph order. With graph order = name order the two agree, and the Lite configs
-(export/pipeline/lite_build.py) can follow the signature; `check_input_order` enforces it.
+Inputs are listed in name order. MindSpore Lite matches the `ge.inputShape` entries of
+its Ascend configs to the graph inputs by name (mindspore-lite ge_graph_executor.cc
+UpdateGraphInputs; the MindIR loader strips the stored `graph:` prefix), so their order
+is harmless there; name order keeps the values of each dynamic-dims gear (one per -1,
+in entry order) in one fixed order, which GE's multibatch code also reads after
+sorting its Data nodes by name (CANN multi_batch_options.cc SortDataNodesByName). The
+Lite configs (export/pipeline/lite_build.py) follow the signature;
+`check_input_order` enforces it.
 """
 from __future__ import annotations
 
@@ -113,7 +115,7 @@ def check_input_order(sig: GraphSignature) -> None:
     names = [t.name for t in sig.inputs]
     if names != sorted(names, key=str.encode):
         raise ValueError(f"{sig.kind} graph inputs {names} are not in name order; GE pairs "
-                         "ge.inputShape with Data nodes sorted by name (graphs/signatures.py)")
+                         "gear values in name order (graphs/signatures.py)")
 
 
 def cache_shape(cfg: ModelConfig, tp: int, kv_len: Dim = KV_LEN) -> tuple[Dim, ...]:

@@ -10,8 +10,14 @@ uses) and prints, against the fp32 reference measured in the same run:
 - fp32:   the reference (what the CPU export computes);
 - bf16:   everything in bf16, attention included;
 - ascend: bf16 everywhere except attention: q, k, v (hence the cache) rounded to fp16,
-          scores and softmax accumulated in fp32 as the fused kernels do, the
-          probabilities and the output rounded to fp16, then back to bf16.
+          scores and softmax accumulated in fp32, the probabilities and the
+          output rounded to fp16, then back to bf16. fp32 accumulation is what the
+          graphs ask of the fused kernels: PromptFlashAttention and
+          IncreFlashAttention run with inner_precise 0, high-precision mode for fp16
+          inputs (graphs/kernels/ascend.py; 1 would be high-performance mode, whose
+          internal precision the op docs do not state and this does not model).
+          How the kernels compute inside high-precision mode is CANN's: this is a
+          model of it, not a measurement.
 
 for each: bits per byte, its change from fp32, and top-1 agreement with fp32 (the share
 of positions whose most likely next token is the same).

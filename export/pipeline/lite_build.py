@@ -150,18 +150,16 @@ def _dim_text(dim: Any, values: dict[str, list[int]]) -> str:
 
 
 def ge_inputs(sig: GraphSignature) -> list:
-    """The graph inputs in the order GE pairs them with `ge.inputShape` entries.
+    """The graph inputs in the order the `ge.inputShape` entries are written.
 
-    GE (multibatch, ge.dynamicNodeType=1) sorts the graph's Data nodes by name and then
-    matches the i-th ge.inputShape entry and the i-th value of every gear to the i-th
-    node *by position*, overwriting the entry's name with the node's (CANN ge
-    compiler/graph/preprocess/multi_batch_options.cc: DistinguishGetNextAndData ->
-    SortDataNodesByName, UpdateNameOfData, ParserDataToDynamicInfo); older GE took the
-    nodes in graph order. The signatures list their inputs in name order
-    (graphs/signatures.check_input_order), so both readings give this order; Lite keys
-    its own copy by name (mindspore-lite src/extendrt/delegate/ascend_ge/
-    ge_graph_executor.cc UpdateInputShapeOption). A common prefix on the exported names
-    (MindIR writes `<graph>:input_ids`) keeps the order."""
+    Lite matches the entries to the graph inputs by name (mindspore-lite
+    src/extendrt/delegate/ascend_ge/ge_graph_executor.cc UpdateGraphInputs; the MindIR
+    loader strips the stored `<graph>:` prefix, ParseParameterName), so the entry order
+    is harmless to Lite. The order still fixes the order of each gear's values (one per
+    -1, entry after entry), which GE's multibatch code reads after sorting its Data
+    nodes by name (CANN multi_batch_options.cc SortDataNodesByName); the signatures list
+    their inputs in name order (graphs/signatures.check_input_order), so every reading
+    agrees."""
     check_input_order(sig)
     return list(sig.inputs)
 
