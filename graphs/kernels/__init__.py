@@ -20,7 +20,8 @@ TARGET_DTYPES = {"cpu": "float32", "ascend": "bfloat16"}
 TARGETS = tuple(TARGET_DTYPES)
 # Default KV-cache mode per target (graphs/signatures.py): on CPU the host-held cache
 # and per-step windows cost only what the sequences hold; on Ascend the cache stays on
-# the card (a window would cross PCIe every step).
+# the card (a window would cross PCIe every step) where the Lite release takes device
+# tensors; the build picks window on older ones (artifacts/lite.py ascend_cache_mode).
 TARGET_CACHE_MODES = {"cpu": "window", "ascend": "resident"}
 # The fused attention operators accept only 16-bit inputs (fp32 fails shape inference).
 ASCEND_DTYPES = ("bfloat16", "float16")
