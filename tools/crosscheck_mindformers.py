@@ -153,7 +153,15 @@ def tokenizer_dir() -> Path:
                           "(set DSFLOW_SHARED)")
 
 
-def make_checkpoint(path: Path, dtype: str, seed: int):
+def quiet_transformers() -> None:
+    """No progress bars from transformers and the hub on this tool's output."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging
+    disable_progress_bars()
+    logging.disable_progress_bar()
+
+
+def make_checkpoint(path: Path, dtype: str, seed: int) -> None:
     """A random LlamaForCausalLM of SHAPE saved as safetensors, the real tokenizer beside."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -162,7 +170,14 @@ def make_checkpoint(path: Path, dtype: str, seed: int):
     model.to(getattr(torch, dtype)).save_pretrained(path, safe_serialization=True)
     for name in TOKENIZER_FILES:
         shutil.copyfile(tokenizer_dir() / name, path / name)
-    return model.float()
+
+
+def reference_model(path: Path):
+    """transformers' model of a saved checkpoint, computing in fp32 (as dsflow's CPU
+    build and MindFormers on CPU do). Loaded afresh rather than upcast in memory: a
+    model cast to bf16 has its rotary inv_freq buffer rounded to bf16 too."""
+    from transformers import LlamaForCausalLM
+    return LlamaForCausalLM.from_pretrained(path, dtype="float32").eval()
 
 
 def predict_yaml() -> str:
@@ -287,9 +302,9 @@ def build_from_ckpt(work: Path, dtype: str, tp: int) -> tuple[Row, Path]:
     dsexport = Path(sys.executable).parent / "dsexport"
     report = json.loads(_run([str(dsexport), "build", "--model", str(d / f"{d.name}.ckpt"),
                               "--tp", str(tp), "--out", str(out), "--json"]))
-    files = len(report.get("files", [])) if isinstance(report, dict) else 0
+    manifest = json.loads((out / "manifest.json").read_text())
     return Row(f"dsexport build: MindFormers .ckpt {dtype} + predict yaml", True,
-               f"tp={tp}, {files} files written"), out
+               f"tp={tp}, {len(report['files'])} files, {manifest['dtype']} graphs"), out
 
 
 def transformers_run(model, prompt: list[int], n: int) -> tuple[list[int], np.ndarray]:
@@ -327,42 +342,63 @@ def mindformers_run(python: Path, work: Path, prompts: list[list[int]], n: int
     return [(r["tokens"], np.asarray(r["logits"], np.float32)) for r in runs]
 
 
-def check_numerics(python: Path, work: Path, model, artifacts: Path, n: int) -> list[Row]:
-    """Tokens and logits of MindFormers, dsflow and transformers on every prompt."""
+Run = list[tuple[list[int], np.ndarray]]  # per prompt: greedy tokens, their logits
+
+
+def agreement(check: str, got: tuple[list[int], np.ndarray],
+              ref: tuple[list[int], np.ndarray]) -> Row:
+    """Same greedy tokens, and logits (real vocabulary) within LOGIT_TOLERANCE."""
+    (tokens, logits), (ref_tokens, ref_logits) = got, ref
+    diff = (float(np.max(np.abs(logits[:, :REAL_VOCAB] - ref_logits[:, :REAL_VOCAB])))
+            if logits.shape == ref_logits.shape else float("inf"))
+    same_tokens = tokens == ref_tokens
+    detail = (f"{len(ref_tokens)} greedy tokens {'equal' if same_tokens else 'DIFFER'}, "
+              f"max |logit diff| {diff:.2e}")
+    if not same_tokens:
+        detail += f"; {tokens} vs {ref_tokens}"
+    return Row(check, same_tokens and diff <= LOGIT_TOLERANCE, detail)
+
+
+def check_numerics(python: Path, work: Path, models: dict, built: dict[str, Path], n: int
+                   ) -> tuple[list[Row], dict[str, Run]]:
+    """Greedy tokens and logits on every prompt: dsflow's build of each MindFormers .ckpt
+    and MindFormers' own model (fp32: the only dtype it runs on CPU) against transformers
+    on the same weights (bf16 weights computed in fp32, as dsflow's CPU build does)."""
     from dsflow.runtime.tokenizer import Tokenizer
     tok = Tokenizer(tokenizer_dir())
     prompts = [tok.encode(p) for p in PROMPTS]
-    runs = {"transformers": [transformers_run(model, p, n) for p in prompts],
-            "dsflow": dsflow_run(artifacts, prompts, n),
-            "MindFormers": mindformers_run(python, work, prompts, n)}
-    rows = []
-    for i, prompt in enumerate(prompts):
-        ref_tokens, ref_logits = runs["transformers"][i]
-        for name in ("dsflow", "MindFormers"):
-            tokens, logits = runs[name][i]
-            diff = (float(np.max(np.abs(logits[:, :REAL_VOCAB] - ref_logits[:, :REAL_VOCAB])))
-                    if logits.shape == ref_logits.shape else float("inf"))
-            ok = tokens == ref_tokens and diff <= LOGIT_TOLERANCE
-            rows.append(Row(f"prompt {i} ({len(prompt)} tokens): {name} = transformers", ok,
-                            f"{n} greedy tokens {'equal' if tokens == ref_tokens else 'DIFFER'}"
-                            f", max |logit diff| {diff:.2e}"
-                            + ("" if tokens == ref_tokens else f"; {tokens} vs {ref_tokens}")))
-        rows.append(Row(f"prompt {i} tokens", True, " ".join(map(str, ref_tokens))))
-    return rows
+    rows, references = [], {}
+    for dtype, artifacts in built.items():
+        ref = references[dtype] = [transformers_run(models[dtype], p, n) for p in prompts]
+        runs = {f"dsflow(.ckpt {dtype})": dsflow_run(artifacts, prompts, n)}
+        if dtype == "fp32":
+            runs["MindFormers(.ckpt fp32)"] = mindformers_run(python, work, prompts, n)
+        for name, run in runs.items():
+            rows += [agreement(f"prompt {i} ({len(p)} tokens): {name} = transformers",
+                               run[i], ref[i]) for i, p in enumerate(prompts)]
+        if len(runs) == 2:
+            ours, theirs = runs.values()
+            rows += [agreement(f"prompt {i}: dsflow = MindFormers", ours[i], theirs[i])
+                     for i in range(len(prompts))]
+    return rows, references
 
 
 # ---- driver --------------------------------------------------------------------------
 
-def run_checks(python: Path, work: Path, tp: int, new_tokens: int) -> list[Row]:
+def run_checks(python: Path, work: Path, tp: int, new_tokens: int
+               ) -> tuple[list[Row], dict[str, Run]]:
     hf = {"fp32": work / "hf-fp32", "bf16": work / "hf-bf16"}
-    model = make_checkpoint(hf["fp32"], "float32", seed=0)
+    quiet_transformers()
+    make_checkpoint(hf["fp32"], "float32", seed=0)
     make_checkpoint(hf["bf16"], "bfloat16", seed=0)
+    models = {dtype: reference_model(path) for dtype, path in hf.items()}
     rows = check_conversions(python, work, hf)
     built: dict[str, Path] = {}
     for dtype in ("fp32", "bf16"):
         row, built[dtype] = build_from_ckpt(work, dtype, tp)
         rows.append(row)
-    return rows + check_numerics(python, work, model, built["fp32"], new_tokens)
+    numeric_rows, references = check_numerics(python, work, models, built, new_tokens)
+    return rows + numeric_rows, references
 
 
 def print_table(rows: list[Row]) -> None:
@@ -372,6 +408,13 @@ def print_table(rows: list[Row]) -> None:
         print(f"{r.check:<{width}}  {'ok' if r.ok else 'FAIL':<6}  {r.detail}")
     failed = sum(not r.ok for r in rows)
     print(f"{len(rows) - failed} ok, {failed} failed")
+
+
+def print_tokens(references: dict[str, Run]) -> None:
+    """transformers' greedy tokens per prompt (what every other run was compared with)."""
+    for dtype, run in references.items():
+        for i, (tokens, _) in enumerate(run):
+            print(f"tokens, {dtype} weights, prompt {i}: {' '.join(map(str, tokens))}")
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -392,7 +435,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return args
 
 
-def with_workdir(keep: Optional[Path], body: Callable[[Path], list[Row]]) -> list[Row]:
+Result = tuple[list[Row], dict[str, Run]]
+
+
+def with_workdir(keep: Optional[Path], body: Callable[[Path], Result]) -> Result:
     if keep is not None:
         keep.mkdir(parents=True)
         return body(keep)
@@ -404,12 +450,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     try:
         python = ensure_venv(args.venv.expanduser(), install=not args.no_install)
-        rows = with_workdir(args.keep, lambda work: run_checks(python, work, args.tp,
-                                                               args.new_tokens))
+        rows, references = with_workdir(args.keep, lambda work: run_checks(
+            python, work, args.tp, args.new_tokens))
     except CrossCheckError as exc:
         print(f"crosscheck_mindformers: {exc}", file=sys.stderr)
         return 1
     print_table(rows)
+    print_tokens(references)
     return 0 if all(r.ok for r in rows) else 1
 
 
