@@ -121,10 +121,18 @@ def _run(cmd: list[str], cwd: Optional[Path] = None) -> str:
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd,
                           env={**os.environ, "GLOG_v": "3", "PYTHONWARNINGS": "ignore"})
     if done.returncode != 0:
-        tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
         what = " ".join(Path(c).name if "/" in c else c for c in cmd[:3])
-        raise CrossCheckError(f"{what}: exit {done.returncode}: {tail}")
+        raise CrossCheckError(f"{what}: exit {done.returncode}: "
+                              f"{error_tail(done.stderr or done.stdout)}")
     return done.stdout
+
+
+def error_tail(output: str) -> str:
+    """The last lines of a failed command's output that say what failed: MindSpore ends
+    its errors with a C++ call stack banner, which is cut off."""
+    lines = [line for line in output.split("- C++ Call Stack")[0].splitlines()
+             if line.strip() and not set(line.strip()) <= {"-"}]
+    return " | ".join(lines[-3:])
 
 
 def mindformers(python: Path, work: Path, *args: str) -> None:
