@@ -89,3 +89,15 @@ def test_tool_matches_mindformers(tmp_path):
     assert "21 ok, 0 failed" in lines
     assert sum("bit-identical" in line for line in lines) == 7
     assert sum("8 greedy tokens equal" in line for line in lines) == 12
+
+
+def test_error_tail_drops_mindspore_call_stack_banner():
+    output = ("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+              "TypeError: Failed calling Add with \"Add()(input=Tensor, other=string)\".\n"
+              "----------------------------------------------------\n"
+              "- C++ Call Stack: (For framework developers)\n"
+              "----------------------------------------------------\n"
+              "mindspore/ccsrc/pynative/utils/pynative_utils.cc:815 PrintTypeCast\n")
+    assert xcheck.error_tail(output) == (
+        "Traceback (most recent call last): | File \"x.py\", line 1 | "
+        "TypeError: Failed calling Add with \"Add()(input=Tensor, other=string)\".")

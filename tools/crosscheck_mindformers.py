@@ -130,7 +130,7 @@ def _run(cmd: list[str], cwd: Optional[Path] = None) -> str:
 def error_tail(output: str) -> str:
     """The last lines of a failed command's output that say what failed: MindSpore ends
     its errors with a C++ call stack banner, which is cut off."""
-    lines = [line for line in output.split("- C++ Call Stack")[0].splitlines()
+    lines = [line.strip() for line in output.split("- C++ Call Stack")[0].splitlines()
              if line.strip() and not set(line.strip()) <= {"-"}]
     return " | ".join(lines[-3:])
 
