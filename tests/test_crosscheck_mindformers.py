@@ -2,8 +2,10 @@
 MindFormers 1.9.0 venv exists, the whole cross-check passes.
 
 The whole run needs MindFormers' own venv (mindformers 1.9.0 + mindspore 2.9.0, 4 GB,
-built by the tool itself); CI never builds it, so there that test is skipped with its
-reason. The comparison functions are tested everywhere.
+built by the tool itself) and takes minutes: it is a documented tool run, not part of CI,
+so it runs only when DSFLOW_MINDFORMERS_VENV names such a venv (opt-in: CI runs on the
+machine a developer used, where the tool's default venv may well exist). Otherwise it is
+skipped with its reason. The comparison functions are tested everywhere.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -19,8 +22,8 @@ import pytest
 from conftest import REPO
 
 TOOL = REPO / "tools" / "crosscheck_mindformers.py"
-NO_VENV = ("no MindFormers 1.9.0 venv (tools/crosscheck_mindformers.py builds one; "
-           "a documented tool run, not part of CI)")
+NO_VENV = ("a documented tool run, not part of CI: set DSFLOW_MINDFORMERS_VENV to a "
+           "MindFormers 1.9.0 venv (tools/crosscheck_mindformers.py builds one) to run it")
 
 
 def load_tool():
@@ -34,8 +37,10 @@ def load_tool():
 xcheck = load_tool()
 
 
-def mindformers_venv() -> Path:
-    return Path(os.environ.get("DSFLOW_MINDFORMERS_VENV", xcheck.DEFAULT_VENV))
+def mindformers_venv() -> Optional[Path]:
+    """The venv named by DSFLOW_MINDFORMERS_VENV, or None (opt-in only)."""
+    named = os.environ.get("DSFLOW_MINDFORMERS_VENV")
+    return Path(named) if named else None
 
 
 def test_differences_names_every_kind_of_mismatch():
@@ -78,7 +83,7 @@ def test_missing_venv_is_one_line_without_install(tmp_path):
 @pytest.mark.timeout(1800)
 def test_tool_matches_mindformers(tmp_path):
     venv = mindformers_venv()
-    if not xcheck.has_mindformers(venv):
+    if venv is None or not xcheck.has_mindformers(venv):
         pytest.skip(NO_VENV)
     done = subprocess.run([sys.executable, str(TOOL), "--venv", str(venv), "--no-install",
                            "--new-tokens", "8", "--keep", str(tmp_path / "work")],
