@@ -248,8 +248,13 @@ class EngineCore:
         requests = {id(r): r for r in [row.request for row in plan.prefill]
                     + [row.request for row in plan.decode]}.values()
         with self.cond:
-            self.scheduler.drop(list(requests))
-            lives = [self.live.pop(r.request_id, None) for r in requests]
-        for live in lives:
-            if live is not None:
-                live.collector.fail(error)
+            lives = [self.live[r.request_id] for r in requests if r.request_id in self.live]
+            # the other prompts of the same submissions end too: their handle has failed
+            failed = {id(live.collector) for live in lives}
+            lives += [live for live in self.live.values()
+                      if id(live.collector) in failed and live not in lives]
+            self.scheduler.drop([live.request for live in lives])
+            for live in lives:
+                self.live.pop(live.request.request_id, None)
+        for collector in {id(live.collector): live.collector for live in lives}.values():
+            collector.fail(error)

@@ -17,7 +17,7 @@ import numpy as np
 
 from dsflow.runtime.backends.base import RankBackend
 from dsflow.runtime.slot_plan import SlotPlan
-from dsflow.runtime.vocab_sampling import Pick, SampleSpec, merge
+from dsflow.runtime.vocab_sampling import Pick, SampleSpec, merge, next_k
 from dsflow.runtime.worker_ops import RankOps
 from dsflow.runtime.worker_protocol import StepError
 
@@ -97,14 +97,17 @@ class Executor(ABC):
 
     def _merge(self, specs: list[SampleSpec], replies: list[list]) -> list[Pick]:
         picks = [merge(s, [rank[i] for rank in replies]) for i, s in enumerate(specs)]
-        undecided = [i for i, p in enumerate(picks) if p is None]
-        if undecided:
+        k: Optional[int] = None
+        while True:
+            undecided = [i for i, p in enumerate(picks) if p is None]
+            if not undecided:
+                return picks
             self.second_rounds += len(undecided)
-            again = [specs[i] for i in undecided]
-            full = self._request("resample", {"sample": again})
+            k = min(next_k(specs[i], k) for i in undecided)
+            more = self._request("resample", {"sample": [specs[i] for i in undecided],
+                                              "k": k})
             for j, i in enumerate(undecided):
-                picks[i] = merge(specs[i], [rank[j] for rank in full])
-        return picks
+                picks[i] = merge(specs[i], [rank[j] for rank in more])
 
 
 class ProcessExecutor(Executor):

@@ -210,6 +210,8 @@ class Scheduler:
                 self._release(s, keep_cache=False)
             if r in self.active:
                 self.active.remove(r)
+            if r in self.waiting:
+                self.waiting.remove(r)
 
     # ---- slots for exclusive work (teacher forcing, the health probe) ---------------------
     def reserve(self, count: int) -> Optional[list[int]]:

@@ -11,9 +11,9 @@ those of all ranks. It is exact:
 - top-p and plain temperature sampling: the nucleus (or the draw) may need more than
   the candidates sent. The global mass of each candidate is known from the ranks'
   log-sum-exp, so `merge` sees whether the merged prefix decides the token; when it
-  does not (a flat distribution, or the draw within rounding of a boundary), it asks
-  for the ranks' whole slices (`full`) for that row: a second round, rare on trained
-  models;
+  does not (a long nucleus, a flat distribution, the draw within rounding of a
+  boundary), the coordinator asks again for that row: MORE_CANDIDATES, then, if still
+  undecided, the whole slice (sent as bare logits);
 - logprobs: log-softmax from the global log-sum-exp, and the top ones from each
   rank's own top ones.
 The random draw is one uniform per sampled token, from the sequence's own seeded
@@ -33,8 +33,10 @@ import numpy as np
 
 from dsflow.runtime.sampling import SamplingParams, TokenLogprob
 
-# candidates per rank for top-p / plain temperature sampling; more only when needed
+# candidates per rank for top-p / plain temperature sampling; more only when needed:
+# MORE_CANDIDATES in a second round, then the whole slice
 CANDIDATES = 64
+MORE_CANDIDATES = 1024
 # a draw or a nucleus bound this close to a cumulative-mass boundary is decided on the
 # whole row (float32 rounding of the whole-row computation is ~1e-6 at 32K ids)
 EDGE = 1e-5
@@ -70,11 +72,14 @@ class SampleSpec:
 @dataclass
 class RankCandidates:
     """One rank's reduction of one logits row: its best ids by scaled logit (ties to the
-    lowest id), their raw and scaled logits, and the log-sum-exp terms of its slice."""
-    ids: np.ndarray                 # int32, global ids
+    lowest id), their raw and scaled logits, and the log-sum-exp terms of its slice. A
+    whole slice (`full`) travels as its raw logits only: ids and scaled logits are
+    recomputed where it is merged (`expand`)."""
+    ids: Optional[np.ndarray]       # int32, global ids (None: offset + arange, full)
     raw: np.ndarray                 # float32
-    scaled: np.ndarray              # float32: raw / temperature (raw when greedy)
+    scaled: Optional[np.ndarray]    # float32: raw / temperature (raw when greedy)
     full: bool                      # every valid id of the slice is here
+    offset: int = 0
     scaled_max: float = -np.inf     # top-p / temperature rows: sum exp(scaled - max)
     scaled_sum: float = 0.0
     raw_max: float = -np.inf        # logprobs rows: sum exp(raw - max), and the top ones
@@ -82,10 +87,14 @@ class RankCandidates:
     lp_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     lp_raw: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
 
-    @property
-    def nbytes(self) -> int:
-        return (self.ids.nbytes + self.raw.nbytes + self.scaled.nbytes + self.lp_ids.nbytes
-                + self.lp_raw.nbytes + 32)
+    def expand(self, spec: "SampleSpec") -> "RankCandidates":
+        """Ids and scaled logits of a whole slice sent bare (the same float32 division
+        as on the rank, so the same values)."""
+        if self.ids is None:
+            self.ids = (np.arange(len(self.raw)) + self.offset).astype(np.int32)
+            self.scaled = (self.raw if spec.greedy
+                           else self.raw / np.float32(spec.temperature))
+        return self
 
 
 @dataclass(frozen=True)
@@ -112,14 +121,19 @@ def _lse_terms(x: np.ndarray) -> tuple[float, float]:
 
 
 def rank_candidates(row: np.ndarray, offset: int, vocab_limit: int, spec: SampleSpec,
-                    full: bool = False) -> RankCandidates:
-    """Reduce one rank's logits slice (ids offset..) to what `merge` needs for `spec`."""
+                    k: Optional[int] = None) -> RankCandidates:
+    """Reduce one rank's logits slice (ids offset..) to what `merge` needs for `spec`:
+    its `k` best (default spec.wanted(); 0: the whole slice)."""
     valid = max(0, min(len(row), vocab_limit - offset))
     x = np.asarray(row[:valid], dtype=np.float32)
     scaled = x if spec.greedy else x / np.float32(spec.temperature)
-    k = valid if full else min(spec.wanted(), valid)
-    top = best(scaled, k)
-    c = RankCandidates((top + offset).astype(np.int32), x[top], scaled[top], k == valid)
+    k = spec.wanted() if k is None else k
+    if k == 0 or k >= valid:
+        c = RankCandidates(None, x, None, True, offset)
+    else:
+        top = best(scaled, k)
+        c = RankCandidates((top + offset).astype(np.int32), x[top], scaled[top], False,
+                           offset)
     if not spec.greedy and not spec.top_k:
         c.scaled_max, c.scaled_sum = _lse_terms(scaled)
     if spec.logprobs is not None:
@@ -168,7 +182,8 @@ def _prefix_draw(scores: np.ndarray, ranks: Sequence[RankCandidates], top_p: flo
 
 def merge(spec: SampleSpec, ranks: Sequence[RankCandidates]) -> Optional[Pick]:
     """The token (and logprob entry) from every rank's candidates, in rank order; None
-    when the candidates do not decide it: ask the ranks again with full=True."""
+    when the candidates do not decide it: ask the ranks again for more (`next_k`)."""
+    ranks = [r.expand(spec) for r in ranks]
     ids = np.concatenate([r.ids for r in ranks])
     scaled = np.concatenate([r.scaled for r in ranks])
     order = np.lexsort((ids, -scaled))  # best first, ties to the lowest id
@@ -179,8 +194,8 @@ def merge(spec: SampleSpec, ranks: Sequence[RankCandidates]) -> Optional[Pick]:
     elif all(r.full for r in ranks):
         pos = _whole_row_draw(scaled[order], spec.top_p, spec.u)
     else:
-        # beyond the first `wanted` merged candidates a rank's next best may be missing
-        order = order[:spec.wanted()]
+        # beyond the shortest list a rank sent, its next best may be missing
+        order = order[:min(len(r.ids) for r in ranks if not r.full)]
         found = _prefix_draw(scaled[order], ranks, spec.top_p, spec.u)
         if found is None:
             return None
@@ -211,8 +226,16 @@ def sample_rows(logits: np.ndarray, offset: int, vocab_limit: int,
         return [rank_candidates(logits[s.row], offset, vocab_limit, s) for s in specs]
     picks = []
     for s in specs:
+        k = None
         pick = merge(s, [rank_candidates(logits[s.row], offset, vocab_limit, s)])
-        if pick is None:
-            pick = merge(s, [rank_candidates(logits[s.row], offset, vocab_limit, s, True)])
+        while pick is None:
+            k = next_k(s, k)
+            pick = merge(s, [rank_candidates(logits[s.row], offset, vocab_limit, s, k)])
         picks.append(pick)
     return picks
+
+
+def next_k(spec: SampleSpec, k: Optional[int]) -> int:
+    """Candidates to ask for after `k` (None: the first round's) did not decide:
+    MORE_CANDIDATES, then the whole slice (0)."""
+    return MORE_CANDIDATES if k is None and spec.wanted() < MORE_CANDIDATES else 0

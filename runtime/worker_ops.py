@@ -29,7 +29,7 @@ class RankOps:
         if op == "resample":
             offset = self.rank * self.last.shape[1]
             return "candidates", [rank_candidates(self.last[s.row], offset, self.vocab_limit,
-                                                  s, full=True) for s in payload["sample"]]
+                                                  s, payload["k"]) for s in payload["sample"]]
         if op == "configure":
             self.vocab_limit = payload["vocab_limit"]
             return "ok", self.backend.configure(payload["slots"], payload["capacity"])

@@ -15,7 +15,8 @@ Requests (coordinator -> every worker):
     ("decode",  {"slot_ids": int32 [b], "input_ids": int32 [b], "positions": int32 [b],
                  "kv_len": int, "sample": [SampleSpec] | None})
                                one token per row at positions[b] into its slot
-    ("resample", {"sample": [SampleSpec]})   whole-slice candidates of the last step's rows
+    ("resample", {"sample": [SampleSpec], "k": int})   k candidates (0: the whole slice)
+                               of the last step's rows: when the first ones did not decide
     ("copy_slot", {"src": int, "dst": [int], "length": int})   n samples share a prefill
     ("stats", {})              memory: {"rss_bytes", "rss_peak_bytes"}
     ("exit", {})               replies with the same memory figures, then exits

@@ -129,7 +129,7 @@ def test_split_vocabulary_sampling_equals_whole_row():
     """Every rank's candidates merged give the token the whole row gives, for greedy,
     top-k, top-p, temperature and logprobs, at tp 2 and 4 (a second round where the
     candidates do not decide)."""
-    from dsflow.runtime.vocab_sampling import SampleSpec, merge, rank_candidates
+    from dsflow.runtime.vocab_sampling import SampleSpec, merge, next_k, rank_candidates
     rng = np.random.default_rng(0)
     vocab, limit = 1024, 1000
     cases = [SamplingParams(), SamplingParams(temperature=0.9, top_k=40),
@@ -142,15 +142,16 @@ def test_split_vocabulary_sampling_equals_whole_row():
         for params in cases:
             for row in logits:
                 spec = SampleSpec.of(0, params, float(rng.random()))
-                whole = merge(spec, [rank_candidates(row, 0, limit, spec, full=True)])
+                whole = merge(spec, [rank_candidates(row, 0, limit, spec, 0)])
                 assert whole.token < limit
                 for tp in (2, 4):
                     w = vocab // tp
                     parts = [row[r * w:(r + 1) * w] for r in range(tp)]
-                    got = merge(spec, [rank_candidates(p, r * w, limit, spec)
-                                       for r, p in enumerate(parts)])
-                    if got is None:
-                        got = merge(spec, [rank_candidates(p, r * w, limit, spec, True)
+                    got, k = merge(spec, [rank_candidates(p, r * w, limit, spec)
+                                          for r, p in enumerate(parts)]), None
+                    while got is None:  # more rounds: more candidates, then all
+                        k = next_k(spec, k)
+                        got = merge(spec, [rank_candidates(p, r * w, limit, spec, k)
                                            for r, p in enumerate(parts)])
                     assert got.token == whole.token
                     if whole.logprob is not None:

@@ -7,8 +7,8 @@ cache". Its logits make the greedy choice a deterministic function of the prompt
 the position (`fake_token`), and give every other id whose text is a plain ASCII word
 nearly the same score (so sampled text is words, reproducible with a seed); every
 other id is impossible. Tests steer it through `gate` (cleared: no step is planned),
-`fail()` (a rank "dies": in-flight requests get WorkerError, health turns "failed")
-and `restart_failures`.
+`fail()` (a rank "dies": in-flight requests get WorkerError, health turns "failed"),
+`restart_failures` and `poison` (a prompt token the rank refuses: a backend error).
 """
 from __future__ import annotations
 
@@ -44,8 +44,9 @@ class FakeBackend(RankBackend):
     the positions written by prefills)."""
 
     def __init__(self, words: list[int], vocab: int, step_s: float,
-                 failed: Callable[[], Optional[str]]):
+                 failed: Callable[[], Optional[str]], poison: Callable[[], Optional[int]]):
         self.words, self.vocab, self.step_s, self.failed = words, vocab, step_s, failed
+        self.poison = poison
         self.base = np.full(vocab, -1e9, np.float32)
         self.base[words] = 0.0
         self.slots: list[list[int]] = []
@@ -71,6 +72,8 @@ class FakeBackend(RankBackend):
 
     def prefill(self, slot_ids, input_ids, start, valid_length, kv_len) -> np.ndarray:
         self._step()
+        if self.poison() is not None and self.poison() in input_ids:
+            raise ValueError(f"token {self.poison()} cannot be run (fake backend error)")
         for slot, ids, s, n in zip(slot_ids.tolist(), input_ids.tolist(), start.tolist(),
                                    valid_length.tolist()):
             self.slots[slot][s:] = ids[:n]
@@ -93,7 +96,8 @@ class FakeExecutor(InProcessExecutor):
     """The in-process executor; a "dead rank" (fail()) shows in check_alive."""
 
     def __init__(self, engine: "FakeEngine"):
-        backend = FakeBackend(engine.words, engine.vocab_size, engine.step_s, engine._failure)
+        backend = FakeBackend(engine.words, engine.vocab_size, engine.step_s, engine._failure,
+                              lambda: engine.poison)
         super().__init__(backend, engine.plan, engine.pad_id, engine.vocab_limit)
         self.engine = engine
 
@@ -163,6 +167,7 @@ class FakeEngine(Engine):
         self.gate.set()
         self.restart_failures = 0       # restart() fails this many times first
         self.restarts = 0
+        self.poison: Optional[int] = None  # a prompt token whose prefill the rank refuses
         self.submitted: list[Submitted] = []
         self._failed: Optional[str] = None
         self._setup(tokenizer, SlotPlan(slots, max_seq_len, 256, 0), SamplingParams(),
