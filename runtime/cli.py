@@ -141,8 +141,7 @@ def main(artifacts: Path, prompts: tuple[str, ...], max_new_tokens: int, tempera
         raise OptionError(str(e)) from None
     engine = Engine(**engine_args)
     try:
-        params = dataclasses.replace(engine.default_params, **given)
-        params.check()
+        params = dataclasses.replace(engine.default_params, **given)  # checked on submit
         if not quiet and not as_json:
             click.echo(f"[{engine.plan.describe()}]", err=True)
         if suffix is not None:

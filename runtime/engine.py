@@ -386,9 +386,7 @@ class Engine:
     def chat(self, messages: list[dict], params: Optional[SamplingParams] = None
              ) -> Completion:
         """One reply to a multi-turn conversation ([{"role": ..., "content": ...}])."""
-        text = self.tokenizer.apply_chat_template(messages)
-        ids = self.tokenizer.encode(text, add_bos=False)
-        return self.submit(ids, params).result()[0]
+        return self.submit(self.tokenizer.encode_messages(messages), params).result()[0]
 
     def stream(self, prompts: Union[Prompt, Sequence[Prompt]],
                params: Optional[SamplingParams] = None, chat: bool = False,

@@ -118,12 +118,13 @@ class EngineCore:
         idle = not (self.scheduler.has_work() or self.jobs or self.step_started)
         if idle and self._probe is None and (time.monotonic() - self.last_step_end
                                              > self.probe_every_s):
-            self._probe = Job(1, self._run_probe, concurrent.futures.Future(), probe=True)
+            self._probe = Job(1, lambda slots: None, concurrent.futures.Future(), probe=True)
             self.jobs.append(self._probe)
             self.cond.notify_all()
 
-    def _run_probe(self, slots: list[int]) -> None:
-        self.executor.prefill([(slots[0], [self.executor.pad_id], 0)], [SampleSpec(0)])
+    def _run_probe(self, slot: int, position: int) -> None:
+        """One token through every rank, written past the slot's cached tokens."""
+        self.executor.prefill([(slot, [self.executor.pad_id], position)], [SampleSpec(0)])
 
     # ---- the engine thread ----------------------------------------------------------------
     def run(self) -> None:
@@ -138,9 +139,15 @@ class EngineCore:
                 return False
             job, slots = None, None
             if self.jobs:
-                slots = self.scheduler.reserve(self.jobs[0].slots)
-                if slots is not None:
-                    job = self.jobs.popleft()
+                if self.jobs[0].probe:
+                    probe = self.scheduler.reserve_probe()
+                    if probe is not None:
+                        job = self.jobs.popleft()
+                        slots = list(probe)
+                else:
+                    slots = self.scheduler.reserve(self.jobs[0].slots)
+                    if slots is not None:
+                        job = self.jobs.popleft()
             plan = self.scheduler.schedule(admit=not self.jobs)
         self._finish_cancelled(plan)
         if job is not None:
@@ -165,18 +172,21 @@ class EngineCore:
             self.last_step_end = time.monotonic()
 
     def _run_job(self, job: Job, slots: list[int]) -> None:
+        """slots: the job's slots; for the probe, [slot, position]."""
+        fn = (lambda: self._run_probe(*slots)) if job.probe else (lambda: job.fn(slots))
         try:
-            job.future.set_result(self._timed("probe" if job.probe else "job",
-                                              lambda: job.fn(slots)))
+            job.future.set_result(self._timed("probe" if job.probe else "job", fn))
         except BaseException as e:
             job.future.set_exception(e)
             if isinstance(e, WorkerError) or not isinstance(e, DsflowError):
                 raise  # a lost rank or a bug: the engine fails too
         finally:
             with self.cond:
-                self.scheduler.release(slots)
-                if job is self._probe:
+                if job.probe:
+                    self.scheduler.release(slots[:1], keep_cache=True)
                     self._probe = None
+                else:
+                    self.scheduler.release(slots)
 
     def _finish_cancelled(self, plan: StepPlan) -> None:
         now = time.perf_counter()

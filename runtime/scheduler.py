@@ -221,11 +221,24 @@ class Scheduler:
         del self.free[:count]
         return slots
 
-    def release(self, slots: list[int]) -> None:
-        """Slots back from exclusive work: their K/V is whatever that work left."""
+    def release(self, slots: list[int], keep_cache: bool = False) -> None:
+        """Slots back from exclusive work: their K/V is whatever that work left, unless
+        it wrote only past their cached tokens (the probe)."""
         for slot in slots:
-            self.cached[slot] = []
+            if not keep_cache:
+                self.cached[slot] = []
         self.free = sorted(self.free + slots)
+
+    def reserve_probe(self) -> Optional[tuple[int, int]]:
+        """(slot, position) for a one-token probe step that keeps every cached prefix:
+        the free slot holding the fewest tokens, written just past them."""
+        if not self.free:
+            return None
+        slot = min(self.free, key=lambda s: (len(self.cached[s]), s))
+        self.free.remove(slot)
+        if len(self.cached[slot]) >= self.plan.capacity:
+            del self.cached[slot][self.plan.capacity - 1:]
+        return slot, len(self.cached[slot])
 
     # ---- the plan -----------------------------------------------------------------------
     def schedule(self, admit: bool = True) -> StepPlan:

@@ -165,3 +165,14 @@ def test_dropped_requests_forget_their_slots_cache():
     s.drop([r])
     assert s.free == [0] and s.cached[0] == [] and r.done
     assert p.prefill  # the plan that failed
+
+
+def test_the_probe_writes_past_the_cached_tokens():
+    s = Scheduler(plan(slots=2, chunk=64))
+    s.add(request("a", range(1, 11), max_new=1))
+    run(s)
+    slot, position = s.reserve_probe()
+    assert s.cached[slot] == [] and position == 0  # the emptier slot
+    s.release([slot], keep_cache=True)
+    s.add(request("b", range(1, 11), max_new=1))
+    assert s.schedule().prefill[0].start == 9  # the cached prompt survived
