@@ -105,11 +105,22 @@ class Pick:
 
 def best(values: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest values, best first, ties to the lowest index (the order
-    of np.argsort(-values, kind="stable")[:k], without sorting the whole row)."""
-    if k >= len(values):
+    of np.argsort(-values, kind="stable")[:k], without sorting the whole row).
+
+    A whole-row argpartition costs ~0.4 ms at 32K ids; instead the k-th largest of every
+    8th value is a threshold that at least k values reach, so every one of the k
+    largest (and every tie of the k-th) is among the few values at or above it."""
+    n = len(values)
+    if k >= n:
         return np.argsort(-values, kind="stable")
-    part = np.argpartition(-values, k - 1)[:k]
-    sel = np.flatnonzero(values >= values[part].min())  # ties at the edge: all of them
+    if k == 1:  # greedy: argmax is the first of the best already
+        return np.array([int(values.argmax())])
+    if n >= 64 * k:
+        sample = values[::8]
+        threshold = np.partition(sample, len(sample) - k)[len(sample) - k]
+        sel = np.flatnonzero(values >= threshold)
+    else:
+        sel = np.arange(n)
     return sel[np.argsort(-values[sel], kind="stable")][:k]
 
 
