@@ -158,6 +158,7 @@ class Collector:
         self._read_done: set[int] = set()
         self._error: Optional[BaseException] = None
         self._cond = threading.Condition()
+        self._processing = threading.Lock()  # result() and an iterator may both process
         self._wakers: list[Callable[[], None]] = []
 
     # ---- the engine thread ---------------------------------------------------------------
@@ -204,6 +205,10 @@ class Collector:
 
     def _process(self) -> None:
         """Turn what the engine pushed into text (the caller's thread, not the engine's)."""
+        with self._processing:
+            self._process_locked()
+
+    def _process_locked(self) -> None:
         with self._cond:
             pending, self._pending = self._pending, {}
         for index, d in sorted(pending.items()):
@@ -250,8 +255,9 @@ class Collector:
 
     def _poll(self) -> tuple[bool, list[StreamEvent]]:
         """(over, events): what can be read now; raises the engine's error."""
-        self._process()
-        events = self._take()
+        with self._processing:
+            self._process_locked()
+            events = self._take()
         if events:
             return False, events
         with self._cond:
