@@ -217,7 +217,8 @@ class Collector:
                 continue
             if d.first:
                 s.t_first = d.first["t"]
-                s.c.prefill_ms, s.c.time_to_first_token_ms = d.first["prefill_ms"], d.first["ttft_ms"]
+                s.c.prefill_ms = d.first["prefill_ms"]
+                s.c.time_to_first_token_ms = d.first["ttft_ms"]
             out = self._unread.setdefault(index, _Unread())
             for k, (token, lp) in enumerate(zip(d.tokens, d.logprobs)):
                 last = k == len(d.tokens) - 1

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import SMALL
 from dsflow.runtime import Engine, SamplingParams
-from test_resident_cache import RESIDENT_SMALL, resident_engine  # noqa: F401 (fixture)
+from test_resident_cache import resident_engine  # noqa: F401 (its fixture, shared)
 
 T = 120
 BASE = "import os\nimport sys\n\n\ndef read_config(path):\n    with open(path) as f:\n"
