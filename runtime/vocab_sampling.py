@@ -237,11 +237,9 @@ def sample_rows(logits: np.ndarray, offset: int, vocab_limit: int,
         return [rank_candidates(logits[s.row], offset, vocab_limit, s) for s in specs]
     picks = []
     for s in specs:
-        k = None
         pick = merge(s, [rank_candidates(logits[s.row], offset, vocab_limit, s)])
-        while pick is None:
-            k = next_k(s, k)
-            pick = merge(s, [rank_candidates(logits[s.row], offset, vocab_limit, s, k)])
+        if pick is None:  # no pipe in between: the whole row at once
+            pick = merge(s, [rank_candidates(logits[s.row], offset, vocab_limit, s, 0)])
         picks.append(pick)
     return picks
 
