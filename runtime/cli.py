@@ -12,7 +12,8 @@ import click
 from dsflow.common.cli import (CONTEXT_SETTINGS, read_stdin_text, run_command, setup_logging,
                                version_option)
 from dsflow.common.errors import DsflowError, OptionError
-from dsflow.runtime.cli_options import engine_options, open_engine
+from dsflow.runtime.cli_options import engine_options, options_from
+from dsflow.runtime.engine import Engine
 from dsflow.runtime.sampling import SamplingParams
 
 
@@ -95,7 +96,8 @@ def main(artifacts: Path, prompts: tuple[str, ...], max_new_tokens: int, tempera
          top_k: int, top_p: float, seed: Optional[int], stops: tuple[str, ...],
          stop_token_ids: tuple[int, ...], n: int, chat: bool, suffix: Optional[str],
          max_batch: Optional[int], max_seq_len: Optional[int], cache_mb: Optional[float],
-         prefill_chunk: Optional[int], max_step_tokens: Optional[int], as_json: bool, verify: bool, device: Optional[str],
+         prefill_chunk: Optional[int], max_step_tokens: Optional[int], prefix_reuse: bool,
+         step_timeout: Optional[float], as_json: bool, verify: bool, device: Optional[str],
          devices: Optional[str], allow_version_mismatch: bool, score_file: Optional[Path],
          score_window: Optional[int], quiet: bool,
          verbose: bool) -> None:
@@ -110,10 +112,14 @@ def main(artifacts: Path, prompts: tuple[str, ...], max_new_tokens: int, tempera
       dsrun --score some_module.py
     """
     setup_logging(verbose)
-    engine_args = dict(artifacts=artifacts, verify=verify, device=device, devices=devices,
-                       allow_version_mismatch=allow_version_mismatch, max_batch=max_batch,
-                       max_seq_len=max_seq_len, cache_mb=cache_mb, prefill_chunk=prefill_chunk,
-                       max_step_tokens=max_step_tokens, verbose=verbose)
+    # option mistakes exit 2 here, before the artifacts are read
+    options = options_from(verify=verify, device=device, devices=devices,
+                           allow_version_mismatch=allow_version_mismatch, max_batch=max_batch,
+                           max_seq_len=max_seq_len, cache_mb=cache_mb,
+                           prefill_chunk=prefill_chunk, max_step_tokens=max_step_tokens,
+                           prefix_reuse=prefix_reuse, step_timeout=step_timeout,
+                           verbose=verbose)
+    engine_args = dict(artifacts=artifacts, options=options)
     if score_file is not None:
         _score(score_file, score_window, as_json, engine_args)
         return
@@ -133,10 +139,9 @@ def main(artifacts: Path, prompts: tuple[str, ...], max_new_tokens: int, tempera
         params.check()
     except DsflowError as e:
         raise OptionError(str(e)) from None
-    engine = open_engine(**engine_args)
+    engine = Engine(**engine_args)
     try:
-        params = dataclasses.replace(engine.default_params, **given)
-        params.check()
+        params = dataclasses.replace(engine.default_params, **given)  # checked on submit
         if not quiet and not as_json:
             click.echo(f"[{engine.plan.describe()}]", err=True)
         if suffix is not None:
@@ -175,7 +180,7 @@ def _score(path: Path, window: Optional[int], as_json: bool, engine_args: dict) 
     except UnicodeDecodeError as e:
         raise OptionError(f"--score {path}: not UTF-8 text ({e.reason} at byte {e.start})"
                           ) from None
-    with open_engine(**engine_args) as engine:
+    with Engine(**engine_args) as engine:
         result = score_text(engine, text, window or DEFAULT_WINDOW)
     if as_json:
         click.echo(json.dumps({"file": str(path), **result.to_dict()}))
@@ -183,3 +188,7 @@ def _score(path: Path, window: Optional[int], as_json: bool, engine_args: dict) 
         click.echo(f"{path}: {result.bytes} bytes, {result.tokens} tokens, log-likelihood "
                    f"{-result.nats:.1f} nats ({result.nats_per_token:.4f} nats/token), "
                    f"{result.bits_per_byte:.4f} bits/byte")
+
+
+if __name__ == "__main__":
+    main()

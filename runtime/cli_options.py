@@ -1,9 +1,8 @@
 """The options dsrun and dsserve share: which artifacts, where their ranks run, whether
 the files are checked first, and how the engine sizes its KV cache. Declared once so
-both commands say the same; each is an Engine argument of the same name."""
+both commands say the same; each is a field of runtime/engine.py EngineOptions."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -42,6 +41,14 @@ ENGINE_OPTIONS = (
                       "chunk. Larger: prompts are prefilled in fewer steps, but each such "
                       "step delays the running streams more; smaller: steadier streaming "
                       "(docs/BENCHMARKS.md)."),
+    click.option("--prefix-reuse/--no-prefix-reuse", default=True, show_default=True,
+                 help="A new request takes the free slot whose cached tokens share the "
+                      "longest prefix with its prompt, and prefills only the rest (an "
+                      "editor resending a file, a chat's next turn)."),
+    click.option("--step-timeout", type=float, default=None,
+                 help="Seconds a step may wait for every rank (default 60); a rank that "
+                      "stays silent longer (a hung collective, a stopped process) fails "
+                      "the worker cluster, which dsserve then restarts."),
 )
 
 
@@ -51,23 +58,33 @@ def engine_options(command: Callable) -> Callable:
     return command
 
 
-def apply_version_override(allow_version_mismatch: bool) -> None:
-    """--allow-version-mismatch reaches each rank's Lite backend through the environment
-    the workers inherit (runtime/backends/lite.py reads it)."""
-    if allow_version_mismatch:
-        from dsflow.runtime.backends.lite import VERSION_OVERRIDE_ENV
-        os.environ[VERSION_OVERRIDE_ENV] = "1"
-
-
-def open_engine(*, artifacts: Path, verify: bool, device, devices, allow_version_mismatch: bool,
-                max_batch, max_seq_len, cache_mb, prefill_chunk, max_step_tokens,
-                verbose: bool, **extra):
-    """The Engine the shared options describe (`extra`: further Engine arguments), so
-    that every mode of a command honours all of them."""
+def options_from(*, verify: bool, device, devices, allow_version_mismatch: bool,
+                 max_batch, max_seq_len, cache_mb, prefill_chunk, max_step_tokens,
+                 prefix_reuse: bool = True, step_timeout=None, verbose: bool = False,
+                 **extra):
+    """The EngineOptions the shared options describe (`extra`: further EngineOptions
+    fields), checked: an option mistake is a usage error (exit 2), before any artifact
+    is read."""
+    from dsflow.common.errors import DsflowError, OptionError
     from dsflow.common.options import int_list
+    from dsflow.runtime.engine import DEFAULT_STEP_TIMEOUT_S, EngineOptions
+    ids = int_list(devices, "--devices")
+    options = EngineOptions(
+        verbose=verbose, verify=verify, device=device,
+        device_ids=tuple(ids) if ids is not None else None, max_batch=max_batch,
+        max_seq_len=max_seq_len, cache_mb=cache_mb, prefill_chunk=prefill_chunk,
+        max_step_tokens=max_step_tokens, prefix_reuse=prefix_reuse,
+        step_timeout_s=DEFAULT_STEP_TIMEOUT_S if step_timeout is None else step_timeout,
+        allow_version_mismatch=allow_version_mismatch, **extra)
+    try:
+        options.check()
+    except DsflowError as e:
+        raise OptionError(str(e)) from None
+    return options
+
+
+def open_engine(*, artifacts: Path, **options):
+    """The Engine the shared options describe, so that every mode of a command honours
+    all of them."""
     from dsflow.runtime.engine import Engine
-    apply_version_override(allow_version_mismatch)
-    return Engine(artifacts, verbose=verbose, verify=verify, device=device,
-                  device_ids=int_list(devices, "--devices"), max_batch=max_batch,
-                  max_seq_len=max_seq_len, cache_mb=cache_mb, prefill_chunk=prefill_chunk,
-                  max_step_tokens=max_step_tokens, **extra)
+    return Engine(artifacts, options_from(**options))

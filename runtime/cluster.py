@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import secrets
 import shutil
 import socket
@@ -28,13 +29,16 @@ from multiprocessing.connection import Connection, Listener, wait
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from dsflow.runtime.backends.mindspore import THREADS_ENV
-from dsflow.runtime.protocol import AUTHKEY_ENV, WorkerError
+from dsflow.runtime.worker_protocol import AUTHKEY_ENV, THREADS_ENV, StepError, WorkerError
 
 log = logging.getLogger("dsflow.cluster")
 
 STARTUP_TIMEOUT_S = 600.0
 POLL_S = 0.25
+
+
+class _Silent(WorkerError):
+    """Ranks alive but not answering before a deadline."""
 
 
 def free_port() -> int:
@@ -57,7 +61,8 @@ class Cluster:
     def __init__(self, artifacts: Path, tp: int, verbose: bool = False,
                  threads_per_rank: Optional[int] = None, device: str = "cpu",
                  device_ids: Optional[list[int]] = None,
-                 on_progress: Optional[Callable[[str], None]] = None):
+                 on_progress: Optional[Callable[[str], None]] = None,
+                 allow_version_mismatch: bool = False):
         self.artifacts = Path(artifacts).resolve()
         # start-up progress lines from the workers (Lite warm-up), stderr by default
         self.on_progress = on_progress or (lambda line: print(line, file=sys.stderr,
@@ -67,6 +72,7 @@ class Cluster:
         self.device_ids = list(device_ids) if device_ids is not None else list(range(tp))
         self.ms_cluster = device == "cpu" and tp > 1
         self.verbose = verbose
+        self.allow_version_mismatch = allow_version_mismatch
         self.threads = threads_per_rank or max(1, (os.cpu_count() or 1) // tp)
         self.run_dir = Path(tempfile.mkdtemp(prefix="dsflow-run-"))
         self.procs: dict[str, subprocess.Popen] = {}
@@ -74,6 +80,7 @@ class Cluster:
         self.ready: list[dict] = [{}] * tp
         self.failed = False
         self.final_stats: list[dict] = []
+        self.bytes_received = 0  # replies' pickled bytes (tools/bench_host_step.py)
         self._busy = False  # a request is in flight: its replies would precede any other
         self._authkey = secrets.token_bytes(32)
         self._listener = Listener(("127.0.0.1", 0), authkey=self._authkey)
@@ -122,7 +129,9 @@ class Cluster:
             self._spawn(f"rank{rank}", self._env("MS_WORKER", rank, port),
                         ["--artifacts", str(self.artifacts), "--rank", str(rank),
                          "--connect", address, "--device", self.device,
-                         "--device-id", str(self.device_ids[rank])])
+                         "--device-id", str(self.device_ids[rank]),
+                         *(["--allow-version-mismatch"] if self.allow_version_mismatch
+                           else [])])
         accepted: list[Connection] = []
         acceptor = threading.Thread(target=self._accept_all, args=(accepted,), daemon=True)
         acceptor.start()
@@ -176,7 +185,7 @@ class Cluster:
                 return ready
             self._check_alive()
             if deadline is not None and time.monotonic() > deadline:
-                raise WorkerError(f"workers did not answer in time; logs: {self.run_dir}")
+                raise _Silent(f"workers did not answer in time; logs: {self.run_dir}")
 
     def _lost(self, rank: int) -> None:
         """A rank's connection broke: report its exit if it died, else the break."""
@@ -188,7 +197,7 @@ class Cluster:
         raise WorkerError(f"rank {rank} closed its connection; logs: {self.run_dir}")
 
     def _raise_if_error(self, op: str, info: Any) -> None:
-        if op == "error":
+        if op == "error" and info.get("fatal", True):
             self.failed = True
             log.debug("rank %s traceback:\n%s", info.get("rank"), info.get("traceback"))
             raise WorkerError(f"rank {info['rank']} failed: {info['message']} "
@@ -198,8 +207,11 @@ class Cluster:
     def busy(self) -> bool:
         return self._busy
 
-    def request(self, op: str, payload: dict) -> list[Any]:
-        """Send one op to every rank; return the replies in rank order."""
+    def request(self, op: str, payload: dict, timeout: Optional[float] = None) -> list[Any]:
+        """Send one op to every rank; return the replies in rank order. A rank that does
+        not answer within `timeout` seconds (alive but silent: a hung collective, a
+        stopped process) fails the cluster with one line naming it. An op a rank refused
+        (a non-fatal error) raises StepError once every rank has answered."""
         self._busy = True
         for rank, conn in enumerate(self.conns):
             try:
@@ -209,17 +221,44 @@ class Cluster:
         replies: list[Any] = [None] * self.tp
         index = {id(c): r for r, c in enumerate(self.conns)}
         pending = list(self.conns)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        refused = []
         while pending:
-            for conn in self._wait(pending):
+            try:
+                ready = self._wait(pending, deadline)
+            except _Silent:
+                silent = ", ".join(str(index[id(c)]) for c in pending)
+                self.failed = True
+                log.error("step %r exceeded the step timeout (%.0f s): rank(s) %s did not "
+                          "answer; the worker cluster is replaced (logs: %s)", op, timeout,
+                          silent, self.run_dir)
+                raise WorkerError(f"step {op!r} exceeded the step timeout ({timeout:.0f} s): "
+                                  f"rank(s) {silent} did not answer") from None
+            for conn in ready:
                 try:
-                    op_back, body = conn.recv()
+                    data = conn.recv_bytes()
                 except (EOFError, OSError):
                     self._lost(index[id(conn)])
+                self.bytes_received += len(data)
+                op_back, body = pickle.loads(data)
                 self._raise_if_error(op_back, body)
+                if op_back == "error":
+                    refused.append(body)
                 replies[index[id(conn)]] = body
                 pending.remove(conn)
         self._busy = False
+        if refused:
+            log.debug("rank %s traceback:\n%s", refused[0]["rank"], refused[0]["traceback"])
+            raise StepError(f"rank {refused[0]['rank']} could not run {op!r}: "
+                            f"{refused[0]['message']}")
         return replies
+
+    def kill(self) -> None:
+        """Kill every child now (a hung rank: nothing would answer an exit request)."""
+        self.failed = True
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
 
     # ---- stop -------------------------------------------------------------------
     def close(self) -> None:

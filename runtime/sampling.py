@@ -1,5 +1,5 @@
-"""Sampling parameters and choosing the next token from gathered logits (numpy, on the
-coordinator), one sequence at a time.
+"""Sampling parameters, and each sequence's seeded generator (the choice itself:
+runtime/vocab_sampling.py, next to the logits).
 
 Each sequence has its own sampler and random generator, so a seeded request draws the
 same tokens whatever else shares its batch. Ids at or beyond the tokenizer's
@@ -93,13 +93,20 @@ def sequence_rng(seed: Optional[int], index: int) -> np.random.Generator:
 
 
 class Sampler:
-    """One sequence's next-token choice (its own generator) and optional logprobs."""
+    """One sequence's next-token choice from whole logits rows (one rank holding the
+    whole vocabulary), with its own generator: runtime/vocab_sampling.py on one rank.
+    The engine does the same split across ranks; this is its single-rank form, for
+    callers that hold whole rows."""
 
     def __init__(self, params: SamplingParams, vocab_limit: int, index: int = 0):
-        params.check()
         self.params = params
         self.vocab_limit = vocab_limit
         self.rng = sequence_rng(params.seed, index)
+
+    def draw(self) -> Optional[float]:
+        """The uniform of this sequence's next token (None when greedy): one draw per
+        sampled token, as numpy's choice took."""
+        return None if self.params.temperature == 0.0 else float(self.rng.random())
 
     def __call__(self, logits: np.ndarray) -> np.ndarray:
         """logits [b, >= vocab_limit] -> token ids int32 [b], rows in order."""
@@ -107,27 +114,10 @@ class Sampler:
 
     def pick(self, row: np.ndarray) -> tuple[int, Optional[TokenLogprob]]:
         """One row of logits -> (token id, its logprob entry if asked for)."""
-        row = row[:self.vocab_limit].astype(np.float32, copy=False)
-        token = int(row.argmax()) if self.params.temperature == 0.0 else self._sample(row)
-        if self.params.logprobs is None:
-            return token, None
-        return token, token_logprob(row, token, self.params.logprobs)
-
-    def _sample(self, row: np.ndarray) -> int:
-        p = self.params
-        row = row / p.temperature
-        order = np.argsort(-row, kind="stable")
-        if p.top_k:
-            order = order[:p.top_k]
-        scores = row[order]
-        probs = np.exp(scores - scores[0])
-        probs /= probs.sum()
-        if p.top_p < 1.0:
-            # keep the smallest prefix whose mass reaches top_p (always the top token)
-            keep = int(np.searchsorted(np.cumsum(probs), p.top_p)) + 1
-            probs = probs[:keep] / probs[:keep].sum()
-            order = order[:keep]
-        return int(order[self.rng.choice(len(probs), p=probs)])
+        from dsflow.runtime.vocab_sampling import SampleSpec, sample_rows
+        spec = SampleSpec.of(0, self.params, self.draw())
+        pick = sample_rows(row[None], 0, self.vocab_limit, [spec], finish=True)[0]
+        return pick.token, pick.logprob
 
 
 def token_logprob(row: np.ndarray, token: int, top: int) -> TokenLogprob:

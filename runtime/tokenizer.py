@@ -83,10 +83,15 @@ class Tokenizer:
                *self.encode(suffix, add_bos=False), end]
         return ([self.bos_id] if self.add_bos else []) + ids
 
+    def encode_messages(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation in the chat template, ready for the reply (the one
+        place chats are encoded: dsrun --chat, Engine.chat, dsserve's chat route); the
+        template already starts with BOS."""
+        return self.encode(self.apply_chat_template(messages), add_bos=False)
+
     def encode_chat(self, user_text: str) -> list[int]:
-        """Token ids of a one-turn chat; the template already starts with BOS."""
-        return self.encode(self.apply_chat_template([{"role": "user", "content": user_text}]),
-                           add_bos=False)
+        """Token ids of a one-turn chat."""
+        return self.encode_messages([{"role": "user", "content": user_text}])
 
 
 FIM_TOKENS = ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>")  # DeepSeek-Coder

@@ -16,10 +16,8 @@ import traceback
 from multiprocessing.connection import Client
 
 from dsflow.runtime.backends.base import RankBackend
-from dsflow.runtime.protocol import AUTHKEY_ENV
-
-# "0": skip the start-up warm-up of backends that have one (Lite: every GE gear once).
-WARMUP_ENV = "DSFLOW_WARMUP"
+from dsflow.runtime.worker_ops import RankOps
+from dsflow.runtime.worker_protocol import AUTHKEY_ENV, WARMUP_ENV
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -49,7 +47,10 @@ def _memory() -> dict:
     return {"rss_peak_bytes": _rss_peak_bytes(), "rss_bytes": _rss_now_bytes()}
 
 
-def _serve(conn, backend) -> None:
+def _serve(conn, ops: RankOps) -> None:
+    """Answer ops until "exit". An op that raises is answered with a non-fatal error and
+    the worker goes on: a bad input or a deterministic backend error fails that step's
+    requests, not the cluster (a restart would only fail the same way again)."""
     while True:
         try:
             op, payload = conn.recv()
@@ -58,29 +59,25 @@ def _serve(conn, backend) -> None:
         if op == "exit":
             conn.send(("ok", _memory()))
             return
-        if op == "prefill":
-            conn.send(("logits", backend.prefill(
-                payload["slot_ids"], payload["input_ids"], payload["start"],
-                payload["valid_length"], payload["kv_len"])))
-        elif op == "decode":
-            conn.send(("logits", backend.decode(payload["slot_ids"], payload["input_ids"],
-                                                payload["positions"], payload["kv_len"])))
-        elif op == "configure":
-            conn.send(("ok", backend.configure(payload["slots"], payload["capacity"])))
-        elif op == "copy_slot":
-            backend.copy_slot(payload["src"], payload["dst"], payload["length"])
-            conn.send(("ok", {}))
-        elif op == "stats":
+        if op == "stats":
             conn.send(("ok", _memory()))
-        else:
-            raise ValueError(f"unknown op {op!r}")
+            continue
+        try:
+            reply = ops.handle(op, payload)
+        except Exception as e:
+            traceback.print_exc()
+            reply = ("error", {"rank": ops.rank, "message": f"{type(e).__name__}: {e}",
+                               "traceback": traceback.format_exc(), "fatal": False})
+        conn.send(reply)
 
 
-def make_backend(manifest, rank: int, device: str, device_id: int) -> "RankBackend":
+def make_backend(manifest, rank: int, device: str, device_id: int,
+                 allow_version_mismatch: bool = False) -> "RankBackend":
     """The only place the device matters: MindSpore GraphCell on CPU, or Lite on Ascend."""
     if device == "ascend":
         from dsflow.runtime.backends.lite import LiteBackend
-        return LiteBackend(manifest, rank, device_id)
+        return LiteBackend(manifest, rank, device_id,
+                           allow_version_mismatch=allow_version_mismatch or None)
     from dsflow.runtime.backends.mindspore import MindSporeBackend, init_mindspore
     init_mindspore(manifest.tp)
     return MindSporeBackend(manifest, rank)
@@ -109,17 +106,18 @@ def run_worker(args: argparse.Namespace) -> int:
     try:
         t0 = time.perf_counter()
         manifest = read_manifest(args.artifacts)
-        backend = make_backend(manifest, args.rank, args.device, args.device_id)
+        backend = make_backend(manifest, args.rank, args.device, args.device_id,
+                               args.allow_version_mismatch)
         load_s = time.perf_counter() - t0
         warm_up_s = _finish_startup(conn, backend, args.rank, load_s)
         conn.send(("ready", {"rank": args.rank, "pid": os.getpid(), "load_s": load_s,
                              "warm_up_s": warm_up_s, **_memory()}))
-        _serve(conn, backend)
+        _serve(conn, RankOps(backend, args.rank, manifest.tp))
         return 0
     except BaseException as e:  # report, then die: the coordinator tears the cluster down
         try:
             conn.send(("error", {"rank": args.rank, "message": f"{type(e).__name__}: {e}",
-                                 "traceback": traceback.format_exc()}))
+                                 "traceback": traceback.format_exc(), "fatal": True}))
         except OSError:
             pass
         traceback.print_exc()
@@ -142,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parent-pid", type=int, default=os.getppid())
     p.add_argument("--device", choices=["cpu", "ascend"], default="cpu")
     p.add_argument("--device-id", type=int, default=0)
+    p.add_argument("--allow-version-mismatch", action="store_true")
     args = p.parse_args(argv)
     _watch_parent(args.parent_pid)
     if os.environ.get("MS_ROLE") == "MS_SCHED":

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from dsflow.runtime.engine import Engine
-from dsflow.runtime.protocol import WorkerError
+from dsflow.runtime import WorkerError
 from dsflow.runtime.sampling import SamplingParams
 
 DSRUN = [sys.executable, "-c", "from dsflow.runtime.cli import main; main()"]

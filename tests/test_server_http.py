@@ -176,7 +176,9 @@ def test_chat_stream_chunks(served):
                for c in chunks)
     assert chunks[0].choices[0].delta.role == "assistant"
     content = [c for c in chunks if c.choices and c.choices[0].delta.content]
-    assert len(content) == 4
+    # one chunk per token, or fewer: a consumer that lags gets the tokens merged
+    assert 1 <= len(content) <= 4
+    assert sum(len(c.choices[0].model_extra["token_ids"]) for c in content) == 4
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4
     assert all(c.usage is None for c in chunks[:-1])
@@ -416,7 +418,12 @@ def test_a_client_that_stops_reading_does_not_block_others():
             assert chunk, "stream closed early"
             data += chunk
         stalled.close()
-        assert data.count(b'"finish_reason": null') == 3000 - 1
+        # the tokens produced while it did not read come merged, none lost
+        chunks = [json.loads(line[len(b"data: "):]) for line in data.split(b"\n")
+                  if line.startswith(b"data: {")]
+        assert sum(len(c["choices"][0]["token_ids"]) for c in chunks) == 3000
+        assert [c["choices"][0]["finish_reason"] for c in chunks].count(None) == \
+            len(chunks) - 1 < 3000
         assert b"data: [DONE]" in data
     engine.close()
 

@@ -97,12 +97,12 @@ def test_prompt_arriving_among_decodes_is_prefilled_within_the_step_budget(engin
     prompt = engine.encode(PROMPTS[1] * 3)  # 60 tokens
     alone = tokens(engine.submit(prompt, GREEDY))
     chunks: list[list[int]] = []
-    run_prefill = engine.scheduler.run_prefill
+    run_prefill = engine.executor.prefill
 
-    def recording(rows):
+    def recording(rows, specs):
         chunks.append([len(t) for _, t, _ in rows])
-        return run_prefill(rows)
-    engine.scheduler.run_prefill = recording
+        return run_prefill(rows, specs)
+    engine.executor.prefill = recording
     try:
         busy = engine.submit(PROMPTS[0], SamplingParams(max_new_tokens=60, ignore_eos=True))
         reading = first_events(busy, 2)  # decoding now
@@ -110,7 +110,7 @@ def test_prompt_arriving_among_decodes_is_prefilled_within_the_step_budget(engin
         busy.cancel()
         del reading
     finally:
-        del engine.scheduler.run_prefill
+        del engine.executor.prefill
     budget = engine.plan.prefill_budget(1)
     assert budget < len(prompt) <= sum(map(sum, chunks))
     assert max(map(sum, chunks[1:])) <= budget  # chunks[0]: `busy` alone, nothing decoded

@@ -8,7 +8,7 @@ import pytest
 
 from dsflow.common.errors import DsflowError
 from dsflow.runtime.sampling import SamplingParams
-from dsflow.runtime.scheduler import DEFAULT_CACHE_MB, plan_slots
+from dsflow.runtime.slot_plan import DEFAULT_CACHE_MB, plan_slots
 from dsflow.runtime.slot_cache import CacheLimitError, SlotCache, batch_gears, gear
 
 

@@ -9,9 +9,7 @@ import numpy as np
 
 from dsflow.artifacts.manifest import Manifest
 from dsflow.runtime.slot_backend import SlotBackend
-
-
-THREADS_ENV = "DSFLOW_THREADS"
+from dsflow.runtime.worker_protocol import THREADS_ENV
 
 
 def init_mindspore(tp: int) -> None:

@@ -6,12 +6,12 @@
     schemas.py      request validation (pydantic), unknown fields refused
     errors.py       every failure as OpenAI's error shape, mapped in one place
     responses.py    OpenAI's response and chunk shapes
-    generation.py   one request's sequences on the engine, as one event stream
+    generation.py   one request's prompts x n on the engine: one submission, one buffer
     supervisor.py   worker-cluster failure -> restart with backoff, or exit 3
     lifecycle.py    uvicorn, SIGTERM drain, exit codes
     metrics.py      /metrics (Prometheus)
     access.py       access log and request counters
-    protocol.py     malformed-HTTP 400s in OpenAI's shape
+    malformed_http.py  malformed-HTTP 400s in OpenAI's shape (uvicorn's h11 protocol)
     cli.py          the `dsserve` command
 """
 from dsflow.runtime.server.app import create_app

@@ -18,8 +18,8 @@ import click
 
 from dsflow.common.cli import CONTEXT_SETTINGS, run_command, version_option
 from dsflow.common.errors import DsflowError, OptionError
-from dsflow.common.options import int_list
-from dsflow.runtime.cli_options import engine_options, open_engine
+from dsflow.runtime.cli_options import engine_options, options_from
+from dsflow.runtime.engine import Engine
 from dsflow.runtime.server.lifecycle import run
 from dsflow.runtime.server.openai_api import ServerOptions
 from dsflow.runtime.server.supervisor import RestartPolicy
@@ -105,7 +105,8 @@ def main(artifacts: Path, host: str, port: int, api_key: Optional[str],
          served_model_name: Optional[str], device: Optional[str], devices: Optional[str],
          allow_version_mismatch: bool, verify: bool, max_batch: Optional[int], max_seq_len: Optional[int],
          cache_mb: Optional[float], prefill_chunk: Optional[int],
-         max_step_tokens: Optional[int], max_queue: int,
+         max_step_tokens: Optional[int], prefix_reuse: bool, step_timeout: Optional[float],
+         max_queue: int,
          max_prompts: int, max_body_kb: int, request_timeout: float, shutdown_timeout: float,
          max_restarts: int, restart_backoff: float, access_log: bool, verbose: bool) -> None:
     """Serve an OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions,
@@ -125,15 +126,18 @@ def main(artifacts: Path, host: str, port: int, api_key: Optional[str],
                                   "--max-prompts": (max_prompts, 1),
                                   "--max-body-kb": (max_body_kb, 1),
                                   "--max-restarts": (max_restarts, 0)})
-    int_list(devices, "--devices")  # a bad list fails before the port is taken
+    # option mistakes exit 2 before the port is taken or the artifacts are read
+    engine_options = options_from(verify=verify, device=device, devices=devices,
+                                  allow_version_mismatch=allow_version_mismatch,
+                                  max_batch=max_batch, max_seq_len=max_seq_len,
+                                  cache_mb=cache_mb, prefill_chunk=prefill_chunk,
+                                  max_step_tokens=max_step_tokens, prefix_reuse=prefix_reuse,
+                                  step_timeout=step_timeout, verbose=verbose,
+                                  max_queue=max_queue)
     sock = bind(host, port)
     signal.signal(signal.SIGTERM, _stop_startup)
     try:
-        engine = open_engine(artifacts=artifacts, verify=verify, device=device,
-                             devices=devices, allow_version_mismatch=allow_version_mismatch,
-                             max_batch=max_batch, max_seq_len=max_seq_len, cache_mb=cache_mb,
-                             prefill_chunk=prefill_chunk, max_step_tokens=max_step_tokens,
-                             verbose=verbose, max_queue=max_queue)
+        engine = Engine(artifacts, engine_options)
     except BaseException:
         sock.close()
         raise

@@ -9,7 +9,8 @@ import logging
 from typing import Optional
 
 from dsflow.common.errors import DsflowError
-from dsflow.runtime import CacheLimitError, EngineClosedError, QueueFullError, WorkerError
+from dsflow.runtime import (CacheLimitError, EngineClosedError, QueueFullError, StepError,
+                            WorkerError)
 
 log = logging.getLogger("dsflow.server")
 
@@ -55,6 +56,9 @@ def from_exception(e: BaseException) -> ApiError:
         return unavailable(f"the engine failed during this request: {e}", "worker_failed")
     if isinstance(e, EngineClosedError):
         return unavailable(f"the engine is not running: {e}", "engine_unavailable")
+    if isinstance(e, StepError):  # the ranks refused this request's step; they serve on
+        return ApiError(500, f"the model could not run this request: {e}",
+                        type="server_error", code="step_failed")
     if isinstance(e, DsflowError):  # sampling values, prompts, tokenizer: the caller's input
         return bad_request(str(e))
     log.error("internal error", exc_info=e)

@@ -8,7 +8,6 @@ never outlives the request that asked for it.
 """
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional, Sequence, Union
@@ -30,7 +29,10 @@ class Choice:
 
 @dataclass
 class Generation:
-    handles: list[RequestHandle]
+    """One engine submission of the request's prompts; its handle is the one buffer
+    between the engine and this request's response (runtime/outputs.py Collector),
+    numbering choices prompt * n + sample as OpenAI does."""
+    handle: RequestHandle
     n: int
     metrics: Metrics
     started: float = field(default_factory=time.perf_counter)
@@ -38,57 +40,29 @@ class Generation:
     @classmethod
     async def start(cls, engine, prompts: Sequence[Prompt], params: SamplingParams,
                     metrics: Metrics, suffix: Optional[str] = None) -> "Generation":
-        """Submit every prompt; if one is refused, withdraw the ones already queued."""
-        handles: list[RequestHandle] = []
-        try:
-            for prompt in prompts:
-                # submit tokenizes: off the event loop
-                handles.append(await run_in_threadpool(
-                    lambda p=prompt: engine.submit(p, params, suffix=suffix)))
-        except BaseException:
-            for h in handles:
-                h.cancel()
-            raise
-        metrics.prompt_tokens.inc(sum(len(h.prompt_token_ids) for h in handles))
-        return cls(handles, params.n, metrics)
+        """Submit every prompt, all or none (submit_many tokenizes: off the event loop)."""
+        handle = await run_in_threadpool(
+            lambda: engine.submit_many(list(prompts), params, suffix=suffix))
+        metrics.prompt_tokens.inc(sum(len(p) for p in handle.prompts))
+        return cls(handle, params.n, metrics)
 
     @property
     def prompt_token_ids(self) -> list[list[int]]:
-        return [h.prompt_token_ids for h in self.handles]
+        return self.handle.prompts
 
     def cancel(self) -> None:
-        for h in self.handles:
-            h.cancel()
+        self.handle.cancel()
 
     async def events(self) -> AsyncIterator[Choice]:
-        """Events of all handles as they come; engine errors are raised here."""
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(p: int, handle: RequestHandle) -> None:
-            try:
-                async for event in handle:
-                    await queue.put(Choice(p * self.n + event.index, event))
-                await queue.put(None)
-            except Exception as e:  # handed to the consumer, which raises it
-                await queue.put(e)
-
-        tasks = [asyncio.create_task(pump(p, h)) for p, h in enumerate(self.handles)]
+        """Events of every choice as they come; engine errors are raised here."""
         last: dict[int, float] = {}
         try:
-            running = len(tasks)
-            while running:
-                item = await queue.get()
-                if item is None:
-                    running -= 1
-                    continue
-                if isinstance(item, Exception):
-                    raise item
-                self._observe(item, last)
-                yield item
+            async for event in self.handle:
+                choice = Choice(event.index, event)
+                self._observe(choice, last)
+                yield choice
         finally:
             self.cancel()
-            for t in tasks:
-                t.cancel()
 
     def _observe(self, choice: Choice, last: dict[int, float]) -> None:
         """Time to first token and inter-token latency, per choice."""

@@ -12,7 +12,7 @@ import uvicorn
 from dsflow.runtime.server.app import create_app
 from dsflow.runtime.server.metrics import Metrics
 from dsflow.runtime.server.openai_api import ServerOptions
-from dsflow.runtime.server.protocol import OpenAIErrorH11Protocol
+from dsflow.runtime.server.malformed_http import OpenAIErrorH11Protocol
 from dsflow.runtime.server.supervisor import RestartPolicy, Supervisor
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -41,6 +41,11 @@ class _EngineCollector:
         g = GaugeMetricFamily("dsflow_engine_ready", "1 when the engine accepts requests.")
         g.add_metric([], 1.0 if h.get("state") == "ready" else 0.0)
         yield g
+        c = CounterMetricFamily("dsflow_prefix_reused_tokens",
+                                "Prompt tokens not prefilled: a free slot held them "
+                                "(prefix reuse).")
+        c.add_metric([], float(h.get("prefix_reused_tokens", 0)))
+        yield c
 
 
 class Metrics:

@@ -99,11 +99,10 @@ class OpenAIApi:
         messages = [{"role": "system" if m.role == "developer" else m.role,
                      "content": m.text()} for m in req.messages]
         try:
-            text = self.engine.tokenizer.apply_chat_template(messages)
+            return self.engine.tokenizer.encode_messages(messages)
         except TemplateError as e:  # templates may refuse, e.g. roles out of order
             raise bad_request(f"the model's chat template cannot render these messages: {e}",
                               param="messages") from None
-        return self.engine.tokenizer.encode(text, add_bos=False)  # the template has the BOS
 
     def sampling(self, req: AnyRequest, max_tokens: int,
                  logprobs: Optional[int]) -> SamplingParams:

@@ -5,7 +5,10 @@ the whole server) when it will not come back.
 The state the server reports is this one, not the manifest's: `ready` serves,
 `restarting` and `draining` answer 503, `failed` means the server is about to exit.
 A failure is noticed either by a request that saw WorkerError (notify_failure) or by
-polling engine.health() while idle, so /health turns non-200 even with no traffic.
+polling engine.health() while idle, so /health turns non-200 even with no traffic:
+health() runs a probe step on an idle engine, reports "stalled" (503, no restart yet)
+while a step waits on a silent rank, and "failed" once the step timeout has failed
+the cluster, which is restarted here.
 """
 from __future__ import annotations
 

@@ -1,32 +1,32 @@
-"""FakeEngine: the part of dsflow.runtime.Engine a server uses (submit -> RequestHandle
-with sync/async iteration and cancel, health, restart, the four errors), in-process and
-without MindSpore, for testing the HTTP layer in milliseconds.
+"""FakeEngine: the real Engine (scheduler, engine core, output processor) over a fake
+executor: an in-process rank whose "model" is a deterministic function, with no
+MindSpore and no artifacts, for testing the HTTP layer in milliseconds.
 
-A scheduler thread runs "decode steps": each step admits waiting requests into free
-slots (FIFO, n slots per request) and gives every running sequence one token. Tokens
-are a deterministic function of the prompt and the position (greedy), or drawn from a
-per-sequence generator (temperature > 0, reproducible with a seed), chosen among ids
-whose text is a plain ASCII word so that text and token counts are easy to check.
-Tests steer it through `gate` (hold the steps), `fail()` (a rank "dies": in-flight
-requests get WorkerError, health turns "failed") and `restart_failures`.
+The fake rank (`FakeBackend`, a RankBackend) keeps each slot's tokens as its "KV
+cache". Its logits make the greedy choice a deterministic function of the prompt and
+the position (`fake_token`), and give every other id whose text is a plain ASCII word
+nearly the same score (so sampled text is words, reproducible with a seed); every
+other id is impossible. Tests steer it through `gate` (cleared: no step is planned),
+`fail()` (a rank "dies": in-flight requests get WorkerError, health turns "failed"),
+`restart_failures` and `poison` (a prompt token the rank refuses: a backend error).
 """
 from __future__ import annotations
 
-import asyncio
-import itertools
-import random
 import threading
 import time
-import uuid
-from collections import deque
+from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
-from dsflow.runtime import (CacheLimitError, Completion, EngineClosedError, QueueFullError,
-                            SamplingParams, StreamEvent, TokenLogprob, WorkerError)
+import numpy as np
+
+from dsflow.runtime import Engine, SamplingParams, WorkerError
+from dsflow.runtime.backends.base import RankBackend
+from dsflow.runtime.engine import EngineOptions
+from dsflow.runtime.engine_core import EngineCore
+from dsflow.runtime.executor import InProcessExecutor
+from dsflow.runtime.slot_plan import SlotPlan
 from dsflow.runtime.tokenizer import Tokenizer
-
-FIM_BEGIN, FIM_HOLE, FIM_END = "<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"
 
 
 def word_ids(tokenizer: Tokenizer) -> list[int]:
@@ -39,259 +39,186 @@ def fake_token(words: list[int], prompt: list[int], position: int) -> int:
     return words[(sum(prompt) * 31 + position * 17) % len(words)]
 
 
-class _Sequence:
-    def __init__(self, handle: "FakeHandle", index: int):
-        self.handle = handle
-        self.c = Completion(index, list(handle.prompt_token_ids), [], "", None,
-                            [] if handle.params.logprobs is not None else None)
-        seed = handle.params.seed
-        self.rng = random.Random(seed if seed is not None else random.random())
+class FakeBackend(RankBackend):
+    """One rank of the fake model; a slot's cache is its tokens (and its prompt length:
+    the positions written by prefills)."""
+
+    def __init__(self, words: list[int], vocab: int, step_s: float,
+                 failed: Callable[[], Optional[str]], poison: Callable[[], Optional[int]]):
+        self.words, self.vocab, self.step_s, self.failed = words, vocab, step_s, failed
+        self.poison = poison
+        self.base = np.full(vocab, -1e9, np.float32)
+        self.base[words] = 0.0
+        self.slots: list[list[int]] = []
+        self.prompt_len: list[int] = []
+
+    def configure(self, slots: int, capacity: int) -> dict:
+        self.slots = [[] for _ in range(slots)]
+        self.prompt_len = [0] * slots
+        return {"cache_bytes": 0, "copy_slot": True}
+
+    def _logits(self, slot: int) -> np.ndarray:
+        tokens, n = self.slots[slot], self.prompt_len[slot]
+        row = self.base.copy()
+        row[fake_token(self.words, tokens[:n], len(tokens) - n)] = 1e-3
+        return row
+
+    def _step(self) -> None:
+        detail = self.failed()
+        if detail:
+            raise WorkerError(detail)  # a dead rank: the cluster's error, not the step's
+        if self.step_s:
+            time.sleep(self.step_s)  # pacing of the fake "model", not synchronisation
+
+    def prefill(self, slot_ids, input_ids, start, valid_length, kv_len) -> np.ndarray:
+        self._step()
+        if self.poison() is not None and self.poison() in input_ids:
+            raise ValueError(f"token {self.poison()} cannot be run (fake backend error)")
+        for slot, ids, s, n in zip(slot_ids.tolist(), input_ids.tolist(), start.tolist(),
+                                   valid_length.tolist()):
+            self.slots[slot][s:] = ids[:n]
+            self.prompt_len[slot] = s + n
+        return np.stack([self._logits(slot) for slot in slot_ids.tolist()])
+
+    def decode(self, slot_ids, input_ids, positions, kv_len) -> np.ndarray:
+        self._step()
+        for slot, token, p in zip(slot_ids.tolist(), input_ids.tolist(), positions.tolist()):
+            self.slots[slot][p:] = [token]
+        return np.stack([self._logits(slot) for slot in slot_ids.tolist()])
+
+    def copy_slot(self, src: int, dst: Sequence[int], length: int) -> None:
+        for d in dst:
+            self.slots[d] = self.slots[src][:length]
+            self.prompt_len[d] = self.prompt_len[src]
 
 
-class FakeHandle:
-    """RequestHandle: events of the n sequences, iterable from threads or asyncio."""
+class FakeExecutor(InProcessExecutor):
+    """The in-process executor; a "dead rank" (fail()) shows in check_alive."""
 
-    def __init__(self, engine: "FakeEngine", ids: list[int], params: SamplingParams):
+    def __init__(self, engine: "FakeEngine"):
+        backend = FakeBackend(engine.words, engine.vocab_size, engine.step_s, engine._failure,
+                              lambda: engine.poison)
+        super().__init__(backend, engine.plan, engine.pad_id, engine.vocab_limit)
         self.engine = engine
-        self.request_id = uuid.uuid4().hex
-        self.prompt_token_ids = ids
-        self.params = params
-        self.seqs = [_Sequence(self, j) for j in range(params.n)]
-        self.cancelled = False
-        self._events: deque = deque()
-        self._error: Optional[BaseException] = None
-        self._closed = False
-        self._cond = threading.Condition()
-        self._wakers: list[Callable[[], None]] = []
 
-    # ---- producer side (the scheduler thread) ---------------------------------------------
-    def _push(self, event: Optional[StreamEvent] = None, error: Optional[BaseException] = None,
-              close: bool = False) -> None:
-        with self._cond:
-            if event is not None:
-                self._events.append(event)
-            self._error = self._error or error
-            self._closed = self._closed or close or error is not None
-            self._cond.notify_all()
-            wakers = list(self._wakers)
-        for wake in wakers:
-            wake()
-
-    # ---- consumer side ------------------------------------------------------------------
-    def _next(self) -> tuple[bool, Optional[StreamEvent]]:
-        """(True, event) | (True, None) when finished | (False, None) when nothing yet."""
-        if self._events:
-            return True, self._events.popleft()
-        if self._error is not None:
-            raise self._error
-        return self._closed, None
-
-    def __iter__(self):
-        while True:
-            with self._cond:
-                ready, event = self._next()
-                while not ready:
-                    self._cond.wait()
-                    ready, event = self._next()
-            if event is None:
-                return
-            yield event
-
-    async def __aiter__(self):
-        loop = asyncio.get_running_loop()
-        flag = asyncio.Event()
-        waker = lambda: loop.call_soon_threadsafe(flag.set)  # noqa: E731
-        with self._cond:
-            self._wakers.append(waker)
+    def _request(self, op: str, payload: dict):
         try:
-            while True:
-                flag.clear()
-                with self._cond:
-                    ready, event = self._next()
-                if not ready:
-                    await flag.wait()
-                    continue
-                if event is None:
-                    return
-                yield event
-        finally:
-            with self._cond:
-                self._wakers.remove(waker)
+            return super()._request(op, payload)
+        except Exception as e:
+            if isinstance(e.__cause__, WorkerError):
+                raise e.__cause__ from None
+            raise
 
-    def cancel(self) -> None:
-        self.cancelled = True
-        self.engine._withdraw(self)
-        self._push(close=True)
-
-    def result(self, timeout: Optional[float] = None) -> list[Completion]:
-        done = [e.finished for e in self if e.finished]
-        return sorted(done, key=lambda c: c.index)
+    def check_alive(self) -> None:
+        detail = self.engine._failure()
+        if detail:
+            raise WorkerError(detail)
 
 
-class FakeEngine:
+class GatedCore(EngineCore):
+    """Plans no step while the engine's gate is cleared."""
+
+    def __init__(self, gate: threading.Event, *args, **kw):
+        super().__init__(*args, **kw)
+        self.gate = gate
+
+    def _wait_for_work(self) -> bool:
+        while True:
+            if not super()._wait_for_work():
+                return False
+            if self.gate.is_set():
+                return True
+            self.cond.wait(0.01)  # the gate is a plain Event: look again
+
+
+@dataclass
+class _SeqView:
+    """The engine's view of one sequence, shaped as the old fake's (`.c.token_ids`,
+    `.c.finish_reason`), for tests that wait on engine progress."""
+    seq: object
+
+    @property
+    def c(self):
+        return SimpleNamespace(token_ids=[0] * self.seq.generated,
+                               finish_reason=self.seq.finish)
+
+
+@dataclass
+class Submitted:
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    handle: object
+    seqs: list[_SeqView]
+
+    @property
+    def cancelled(self) -> bool:
+        return self.handle.cancelled
+
+
+class FakeEngine(Engine):
     def __init__(self, tokenizer_dir, slots: int = 8, max_queue: int = 64,
                  max_seq_len: int = 512, step_s: float = 0.0, model_name: str = "fake-model"):
-        self.tokenizer = Tokenizer(tokenizer_dir)
+        self.options = EngineOptions(max_queue=max_queue)
+        tokenizer = Tokenizer(tokenizer_dir)
         self.manifest = SimpleNamespace(max_seq_len=max_seq_len, tp=1)
-        self.plan = SimpleNamespace(capacity=max_seq_len, slots=slots)
-        self.model_name = model_name
-        self.default_params = SamplingParams()
-        self.slots, self.max_queue, self.step_s = slots, max_queue, step_s
-        self.words = word_ids(self.tokenizer)
-        self.gate = threading.Event()   # cleared: the scheduler holds (no step runs)
+        self.words = word_ids(tokenizer)
+        self.step_s = step_s
+        self.gate = threading.Event()   # cleared: the engine plans no step
         self.gate.set()
-        self.state, self.detail = "ready", ""
         self.restart_failures = 0       # restart() fails this many times first
         self.restarts = 0
-        self.submitted: list[FakeHandle] = []
-        self._waiting: deque[FakeHandle] = deque()
-        self._running: list[FakeHandle] = []
-        self._lock = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
+        self.poison: Optional[int] = None  # a prompt token whose prefill the rank refuses
+        self.submitted: list[Submitted] = []
+        self._failed: Optional[str] = None
+        self._setup(tokenizer, SlotPlan(slots, max_seq_len, 256, 0), SamplingParams(),
+                    model_name, tokenizer.vocab_size)
 
-    # ---- the contract ---------------------------------------------------------------------
-    def encode(self, prompt, chat: bool = False, suffix: Optional[str] = None) -> list[int]:
-        if not isinstance(prompt, str):
-            return [int(t) for t in prompt]
-        if suffix is not None:
-            return self.tokenizer.encode(f"{FIM_BEGIN}{prompt}{FIM_HOLE}{suffix}{FIM_END}")
-        return self.tokenizer.encode_chat(prompt) if chat else self.tokenizer.encode(prompt)
+    def _make_executor(self):
+        return FakeExecutor(self)
 
-    def submit(self, prompt, params: SamplingParams = SamplingParams(), *, chat: bool = False,
-               suffix: Optional[str] = None) -> FakeHandle:
-        ids = self.encode(prompt, chat, suffix)
-        if not ids:
-            raise CacheLimitError("empty prompt")
-        if len(ids) + params.max_new_tokens > self.plan.capacity:
-            raise CacheLimitError(f"prompt of {len(ids)} tokens + max_new_tokens "
-                                  f"{params.max_new_tokens} exceeds the maximum sequence "
-                                  f"length {self.plan.capacity}")
-        handle = FakeHandle(self, ids, params)
-        with self._lock:
-            if self.state != "ready":
-                raise EngineClosedError(f"engine is {self.state}")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFullError(f"{self.max_queue} requests already waiting")
-            self._waiting.append(handle)
-            self.submitted.append(handle)
-            self._lock.notify_all()
+    def _make_core(self):
+        return GatedCore(self.gate, self.scheduler, self.executor, self._cond,
+                         self.vocab_limit)
+
+    def _failure(self) -> Optional[str]:
+        return self._failed
+
+    # ---- what the server calls, recorded --------------------------------------------------
+    def submit_many(self, prompts, params=None, *, chat=False, suffix=None):
+        params = params or self.default_params
+        handle = super().submit_many(prompts, params, chat=chat, suffix=suffix)
+        with self._cond:
+            for rid, ids in zip(handle.request_ids, handle.prompts):
+                request = self.core.live[rid].request if rid in self.core.live else None
+                seqs = [_SeqView(s) for s in request.seqs] if request else []
+                self.submitted.append(Submitted(ids, params, handle, seqs))
+            self._cond.notify_all()
         return handle
-
-    def health(self) -> dict:
-        with self._lock:
-            return {"state": self.state, "detail": self.detail,
-                    "running": sum(h.params.n for h in self._running),
-                    "waiting": sum(h.params.n for h in self._waiting), "slots": self.slots}
 
     def restart(self) -> None:
         if self.restart_failures > 0:
             self.restart_failures -= 1
             raise WorkerError("rank 0 failed to start (fake)")
-        with self._lock:
-            self.state, self.detail = "ready", ""
-            self.restarts += 1
+        self._failed = None
+        super().restart()
+        self.restarts += 1
 
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            self.state = "closed"
-            self._lock.notify_all()
         self.gate.set()
-        for h in self._drop_all():
-            h._push(error=EngineClosedError("engine closed"))
-        self._thread.join(5)
+        super().close()
 
     # ---- test controls --------------------------------------------------------------------
     def fail(self, detail: str = "rank 0 exited unexpectedly (code -9)") -> None:
         """What a dead rank does to the real engine: every in-flight request errors."""
-        with self._lock:
-            self.state, self.detail = "failed", detail
-        for h in self._drop_all():
-            h._push(error=WorkerError(detail))
+        self._failed = detail
+        with self._cond:
+            self._cond.notify_all()
 
     def wait_until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
-        with self._lock:
+        with self._cond:
             while not predicate():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError("FakeEngine.wait_until: condition not reached")
-                self._lock.wait(left)
-
-    # ---- the scheduler --------------------------------------------------------------------
-    def _drop_all(self) -> list[FakeHandle]:
-        with self._lock:
-            handles = list(self._waiting) + self._running
-            self._waiting.clear()
-            self._running.clear()
-            self._lock.notify_all()
-        return handles
-
-    def _withdraw(self, handle: FakeHandle) -> None:
-        with self._lock:
-            if handle in self._waiting:
-                self._waiting.remove(handle)
-            if handle in self._running:
-                self._running.remove(handle)
-            self._lock.notify_all()
-
-    def _loop(self) -> None:
-        while True:
-            self.gate.wait()
-            with self._lock:
-                while not self._closed and not (self._waiting or self._running):
-                    self._lock.wait()
-                if self._closed:
-                    return
-                if not self.gate.is_set():  # held while it waited for work
-                    continue
-                free = self.slots - sum(h.params.n for h in self._running)
-                while self._waiting and self._waiting[0].params.n <= free:
-                    h = self._waiting.popleft()
-                    free -= h.params.n
-                    self._running.append(h)
-                running = list(self._running)
-            for h in running:
-                self._step(h)
-            with self._lock:
-                self._running = [h for h in self._running
-                                 if any(s.c.finish_reason is None for s in h.seqs)]
-                self._lock.notify_all()
-            if self.step_s:
-                time.sleep(self.step_s)  # pacing of the fake "model", not synchronisation
-
-    def _step(self, h: FakeHandle) -> None:
-        p = h.params
-        for s in h.seqs:
-            if s.c.finish_reason is not None or h.cancelled:
-                continue
-            position = len(s.c.token_ids)
-            tok = (fake_token(self.words, h.prompt_token_ids, position) if p.temperature == 0
-                   else s.rng.choice(self.words))
-            text = self.tokenizer.decode([tok])
-            s.c.token_ids.append(tok)
-            lps = None
-            if p.logprobs is not None:
-                top = [(t, -0.5 - k) for k, t in
-                       enumerate(itertools.islice(itertools.cycle(self.words),
-                                                  tok % 7, tok % 7 + p.logprobs))]
-                lps = [TokenLogprob(tok, -0.25, top)]
-                s.c.logprobs.extend(lps)
-            if tok in p.stop_token_ids:
-                s.c.finish_reason, text = "stop", ""
-                s.c.token_ids.pop()
-            else:
-                s.c.text += text
-                cut = min((i for i in (s.c.text.find(x) for x in p.stop) if i >= 0),
-                          default=-1)
-                if cut >= 0:
-                    text = text[:max(0, len(text) - (len(s.c.text) - cut))]
-                    s.c.text, s.c.finish_reason = s.c.text[:cut], "stop"
-                elif len(s.c.token_ids) >= p.max_new_tokens:
-                    s.c.finish_reason = "length"
-            h._push(StreamEvent(s.c.index, text, [tok], lps,
-                                s.c if s.c.finish_reason else None))
-        if all(s.c.finish_reason for s in h.seqs):
-            h._push(close=True)
+                self._cond.wait(min(left, 0.01))
