@@ -48,18 +48,27 @@ def test_greedy_request_among_others_equals_alone_and_transformers(tp, small_eng
     with torch.no_grad():
         assert alone == hf_greedy(hf_model, target, GREEDY.max_new_tokens)
     # others: sampled, with a stop string, several samples with logprobs; arriving
-    # before and after the target, while it prefills and while it decodes
-    a = engine.submit(PROMPTS[0], SamplingParams(max_new_tokens=40, temperature=0.8,
-                                                 seed=3, ignore_eos=True))
-    reading = first_events(a, 3)
-    b = engine.submit("x = [", SamplingParams(max_new_tokens=5, stop=["]"]))
+    # before and after the target, while it prefills and while it decodes. Each one
+    # (seeded) must also get what it gets alone.
+    others = {"a": (PROMPTS[0], SamplingParams(max_new_tokens=40, temperature=0.8, seed=3,
+                                               ignore_eos=True)),
+              "b": ("x = [", SamplingParams(max_new_tokens=5, stop=["]"])),
+              "c": (PROMPTS[2], SamplingParams(max_new_tokens=30, temperature=1.0, n=2,
+                                               logprobs=2, seed=9, ignore_eos=True))}
+    solo = {k: [(x.token_ids, x.finish_reason, x.text)
+                for x in engine.submit(p, sp).result(timeout=T)]
+            for k, (p, sp) in others.items()}
+    a = engine.submit(*others["a"])
+    reading = iter(a)
+    head = [next(reading) for _ in range(3)]  # a is 3 steps in: decoding
+    b = engine.submit(*others["b"])
     t = engine.submit(target, GREEDY)
-    c = engine.submit(PROMPTS[2], SamplingParams(max_new_tokens=30, temperature=1.0, n=2,
-                                                 logprobs=2, seed=9, ignore_eos=True))
+    c = engine.submit(*others["c"])
     assert tokens(t) == alone
-    for h in (a, b, c):
-        assert all(x.finish_reason in ("stop", "length") for x in h.result(timeout=T))
-    assert [e.text for e in reading]  # the rest of a's stream is still there
+    for k, h in (("a", a), ("b", b), ("c", c)):
+        assert [(x.token_ids, x.finish_reason, x.text) for x in h.result(timeout=T)] == solo[k]
+    assert [len(x[0]) for x in solo["a"] + solo["c"]] == [40, 30, 30]
+    assert "".join(e.text for e in head + list(reading)) == solo["a"][0][2]  # a's stream
 
 
 def test_seeded_sampling_is_reproducible_whatever_shares_the_batch(small_engine_for):
