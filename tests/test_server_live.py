@@ -440,6 +440,21 @@ def test_rank_killed_under_load_then_recovery(export_tiny):
         assert server.stop() == 0, "".join(server.lines[-30:])
 
 
+def test_supervisor_gives_up_with_exit_3(export_tiny):
+    """--max-restarts 0: the first engine failure is the last; dsserve exits 3 (for its
+    own supervisor, systemd or Kubernetes, to restart) and leaves no worker behind."""
+    server = Dsserve(export_tiny(1), "--max-restarts", "0")
+    try:
+        workers = server.ranks()
+        assert sorted(workers) == [0]
+        os.kill(workers[0], signal.SIGKILL)
+        assert server.proc.wait(REQUEST_S) == 3, "".join(server.lines[-30:])
+        assert any("exiting with code 3" in line for line in server.lines), server.lines
+        assert not any(alive(p) for p in workers.values())
+    finally:
+        server.stop()
+
+
 def test_sigterm_finishes_in_flight_requests_then_exits_0(live):
     """Last in this file: it stops the module's server (saves a start-up)."""
     server = live
