@@ -122,7 +122,7 @@ class Manifest(ModelDocument):
 
     def generation_config_path(self) -> Optional[Path]:
         """The checkpoint's generation_config.json, if it had one."""
-        path = self.root / GENERATION_CONFIG
+        path = self.path(GENERATION_CONFIG, "generation config")
         return path if path.is_file() else None
 
     def verify(self) -> None:
