@@ -2,6 +2,7 @@
 test command (.ci/test_command), each checked on small made-up suites and READMEs."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -128,3 +129,30 @@ def test_ci_refuses_a_test_block_it_cannot_run_whole(tmp_path, readme, needle):
 def test_ci_reads_a_one_line_block(tmp_path):
     r = _command(tmp_path, "intro\n" + MARK + "\n```sh\npip install . && pytest -q\n```\n")
     assert r.returncode == 0 and r.stdout == "pip install . && pytest -q\n"
+
+
+# --- .ci/run itself, on a copy with a made-up README ------------------------------------
+
+def _ci_run(tmp_path: Path, block: str) -> subprocess.CompletedProcess:
+    shutil.copytree(REPO / ".ci", tmp_path / ".ci")
+    (tmp_path / "README.md").write_text(MARK + "```sh\n" + block + "```\n")
+    return subprocess.run([str(tmp_path / ".ci" / "run")], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)
+
+
+def test_ci_run_runs_the_one_line_whole(tmp_path):
+    r = _ci_run(tmp_path, "touch first && touch second\n")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "first").exists() and (tmp_path / "second").exists()
+    assert "+ touch first && touch second" in r.stdout and "exit status 0" in r.stdout
+
+
+def test_ci_run_fails_on_pytest_exit_5(tmp_path):
+    r = _ci_run(tmp_path, "exit 5\n")
+    assert r.returncode == 5 and "no tests were collected" in r.stderr
+
+
+def test_ci_run_runs_nothing_of_a_block_it_cannot_run_whole(tmp_path):
+    r = _ci_run(tmp_path, "touch first\ntouch second\n")
+    assert r.returncode == 1 and "has 2 lines" in r.stderr
+    assert not (tmp_path / "first").exists()

@@ -148,6 +148,29 @@ def test_the_same_index_inside_the_checkpoint_is_read(tiny_checkpoint, tmp_path)
         assert ckpt.files == [model / "w.safetensors"]
 
 
+def test_a_hub_cache_snapshot_with_an_index_is_read(tiny_checkpoint, tmp_path):
+    """transformers' cache layout: every file of the snapshot is a symlink into the
+    repo's blobs; the index names them by their snapshot names."""
+    from dsflow.export.checkpoint.reader import Checkpoint
+    from dsflow.export.checkpoint.safetensors import SafetensorsFile
+    repo = tmp_path / "models--org--tiny"
+    blobs, snap = repo / "blobs", repo / "snapshots" / "0123abcd"
+    blobs.mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for i, f in enumerate(("config.json", "tokenizer.json", "tokenizer_config.json",
+                           "model.safetensors")):
+        shutil.copyfile(tiny_checkpoint / f, blobs / f"blob{i}")
+        target = "model-00001-of-00001.safetensors" if f == "model.safetensors" else f
+        (snap / target).symlink_to(Path("../../blobs") / f"blob{i}")
+    with SafetensorsFile(tiny_checkpoint / "model.safetensors") as f:
+        names = f.names()
+    index = {"weight_map": {n: "model-00001-of-00001.safetensors" for n in names}}
+    (snap / "model.safetensors.index.json").write_text(json.dumps(index))
+    with Checkpoint(snap) as ckpt:
+        ckpt.validate()
+        assert ckpt.files == [snap / "model-00001-of-00001.safetensors"]
+
+
 # --- shards index and artifacts manifest ----------------------------------------
 
 @pytest.fixture(scope="module")
