@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from dsflow.common.errors import DsflowError
+from dsflow.common.paths import inside
 from dsflow.graphs.signatures import RESIDENT, WINDOW
 
 RANK_TABLE_NAME = "rank_table.json"
@@ -70,10 +71,12 @@ def model_file(root: Path, entry: dict) -> Path:
     A build without converter_lite records stage "mindir"; running the generated script
     afterwards leaves `<lite_stem>.mindir` (or `_graph.mindir`), found here by name.
     """
+    def path(key: str) -> Path:  # names from the manifest stay inside `root`
+        return inside(root, entry[key], f"{root}: graph entry {key}", LiteBuildError)
     if entry.get("stage") == "lite":
-        return root / entry["lite_file"]
-    converted = converted_file(root / entry["lite_stem"]) if entry.get("lite_stem") else None
-    return converted or root / entry["file"]
+        return path("lite_file")
+    converted = converted_file(path("lite_stem")) if entry.get("lite_stem") else None
+    return converted or path("file")
 
 
 def release_numbers(version: Optional[str]) -> Optional[tuple[int, int, int]]:

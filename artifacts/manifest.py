@@ -18,6 +18,7 @@ from typing import Optional
 from dsflow.graphs.config import ModelConfig
 from dsflow.common.checksums import files_with_checksums, sha256_file
 from dsflow.common.errors import DsflowError
+from dsflow.common.paths import inside
 from dsflow.graphs.tp_plan import rank_sizes
 from dsflow.graphs.signatures import (CACHE_LAYOUT, CACHE_MODES, RESIDENT, WINDOW,
                                       GraphSignature, graph_signature)
@@ -72,7 +73,7 @@ class Manifest(ModelDocument):
         inputs were reordered to name order) would be fed the wrong tensors."""
         for g in self.data["graphs"]:
             if "inputs" in g and g["inputs"] != self.signature(g["kind"]).to_dict()["inputs"]:
-                raise ManifestError(f"{self.root / g['file']}: its inputs differ from this "
+                raise ManifestError(f"{self.path(g['file'], 'graphs')}: its inputs differ from this "
                                     f"dsflow's {g['kind']} signature (built by another "
                                     "version); rebuild the artifacts with `dsexport build`")
 
@@ -102,11 +103,17 @@ class Manifest(ModelDocument):
                 return g
         raise ManifestError(f"{self.root / MANIFEST_NAME}: no {kind} graph for rank {rank}")
 
+    def path(self, name: object, entry: str) -> Path:
+        """`root / name` for a file name the manifest records (its `entry`), refused
+        unless it stays inside the artifacts directory (common/paths.py)."""
+        return inside(self.root, name, f"{self.root / MANIFEST_NAME}: {entry}",
+                      ManifestError)
+
     def graph_path(self, rank: int, kind: str) -> Path:
-        return self.root / self.graph(rank, kind)["file"]
+        return self.path(self.graph(rank, kind)["file"], f"rank {rank} {kind} graph")
 
     def tokenizer_dir(self) -> Path:
-        return self.root / "tokenizer"
+        return self.path("tokenizer", "tokenizer directory")
 
     @property
     def model_name(self) -> str:
@@ -115,7 +122,7 @@ class Manifest(ModelDocument):
 
     def generation_config_path(self) -> Optional[Path]:
         """The checkpoint's generation_config.json, if it had one."""
-        path = self.root / GENERATION_CONFIG
+        path = self.path(GENERATION_CONFIG, "generation config")
         return path if path.is_file() else None
 
     def verify(self) -> None:
@@ -123,7 +130,7 @@ class Manifest(ModelDocument):
         `dsrun --verify` only, as a user may edit rank_table.json on purpose)."""
         files = self.data["files"]
         for rel in files:
-            p = self.root / rel
+            p = self.path(rel, "files")
             if not p.is_file():
                 raise ManifestError(f"{p}: listed in the manifest but missing")
             if p.stat().st_size != files[rel]["bytes"]:
@@ -203,3 +210,25 @@ def _check_keys(path: Path, data: dict) -> None:
         if not isinstance(g, dict):
             raise ManifestError(f"{path}: graphs[{i}] is not an object; rebuild the artifacts")
         need(g, REQUIRED_GRAPH, f"graphs[{i}].")
+    _check_paths(path, data)
+
+
+# graph entry keys that hold a path relative to the artifacts directory (Lite builds
+# add the last three: artifacts/lite.py)
+GRAPH_PATH_KEYS = ("file", "lite_file", "lite_stem", "config")
+
+
+def _check_paths(path: Path, data: dict) -> None:
+    """Every path the manifest records stays inside the artifacts directory, checked
+    at read time so no runtime code ever opens one that leaves it."""
+    root = path.parent
+    for i, g in enumerate(data["graphs"]):
+        for key in GRAPH_PATH_KEYS:
+            if key in g:
+                inside(root, g[key], f"{path}: graphs[{i}].{key}", ManifestError)
+    for rel in data["files"]:
+        inside(root, rel, f"{path}: files", ManifestError)
+    lite = data.get("lite") or {}
+    for key in ("rank_table", "script"):
+        if lite.get(key) is not None:
+            inside(root, lite[key], f"{path}: lite.{key}", ManifestError)

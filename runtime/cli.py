@@ -86,7 +86,8 @@ class _OrderedPrinter:
                    "exported graphs).")
 @click.option("--score-window", type=int, default=None,
               help="With --score: tokens of context per chunk (chunks do not overlap; each "
-                   "starts after <bos>). Default 256, the embedded default's training context.")
+                   "starts after <bos>). Default 256, the embedded default's training context, or "
+                   "the maximum sequence length minus 1 when that is shorter.")
 @click.option("-q", "--quiet", is_flag=True, help="No timing summary on standard error.")
 @click.option("-v", "--verbose", is_flag=True,
               help="Show MindSpore's log lines, the workers' output, and the traceback of "
@@ -142,6 +143,8 @@ def main(artifacts: Path, prompts: tuple[str, ...], max_new_tokens: int, tempera
     engine = Engine(**engine_args)
     try:
         params = dataclasses.replace(engine.default_params, **given)  # checked on submit
+        if max_new_tokens is None:
+            params = _fit_default_length(engine, prompts, params, chat)
         if not quiet and not as_json:
             click.echo(f"[{engine.plan.describe()}]", err=True)
         if suffix is not None:
@@ -155,6 +158,18 @@ def main(artifacts: Path, prompts: tuple[str, ...], max_new_tokens: int, tempera
         click.echo(f"[{n} tokens; startup {engine.startup_s:.1f} s, prefill {r.prefill_ms:.0f} ms, "
                    f"decode {r.decode_ms_per_token:.1f} ms/token at batch {len(results)}]",
                    err=True)
+
+
+def _fit_default_length(engine, prompts: tuple, params, chat: bool):
+    """The default --max-new-tokens (128, or generation_config.json's) shortened to what
+    the longest prompt leaves of a sequence, so that artifacts built with a small
+    --max-seq-len do not refuse a run the user gave no length for. A prompt that alone
+    fills the sequence is still refused, by the engine, with its own message."""
+    longest = max(len(engine.encode(p, chat=chat)) for p in prompts)
+    room = engine.plan.capacity - longest
+    if 1 <= room < params.max_new_tokens:
+        return dataclasses.replace(params, max_new_tokens=room)
+    return params
 
 
 def _run(engine, prompts: list[str], params: SamplingParams, chat: bool, as_json: bool) -> list:
@@ -174,14 +189,14 @@ def _run(engine, prompts: list[str], params: SamplingParams, chat: bool, as_json
 
 def _score(path: Path, window: Optional[int], as_json: bool, engine_args: dict) -> None:
     """dsrun --score: one line of figures (or a JSON object) for the file."""
-    from dsflow.runtime.scoring import DEFAULT_WINDOW, score_text
+    from dsflow.runtime.scoring import score_text
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise OptionError(f"--score {path}: not UTF-8 text ({e.reason} at byte {e.start})"
                           ) from None
     with Engine(**engine_args) as engine:
-        result = score_text(engine, text, window or DEFAULT_WINDOW)
+        result = score_text(engine, text, window)
     if as_json:
         click.echo(json.dumps({"file": str(path), **result.to_dict()}))
     else:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -58,14 +58,24 @@ def _chunk_nats(engine, pieces: list[list[int]], start_id: int) -> float:
     return float(-np.take_along_axis(logp, target, axis=-1).sum())
 
 
-def score_ids(engine, ids: Sequence[int], n_bytes: int, window: int = DEFAULT_WINDOW) -> Score:
-    """Score token ids that encode `n_bytes` bytes of text, `window` tokens at a time:
-    each chunk starts afresh after <bos> (contexts do not overlap, so every token is
-    counted once)."""
-    max_len = engine.manifest.max_seq_len
+def default_window(engine) -> int:
+    """DEFAULT_WINDOW, or less when the engine's sequences are shorter: a chunk and its
+    <bos> must fit one sequence (artifacts built with --max-seq-len 256, or dsrun
+    --max-seq-len, hold 255 tokens after the <bos>), so the default never refuses
+    itself."""
+    return max(1, min(DEFAULT_WINDOW, engine.plan.capacity - 1))
+
+
+def score_ids(engine, ids: Sequence[int], n_bytes: int, window: Optional[int] = None) -> Score:
+    """Score token ids that encode `n_bytes` bytes of text, `window` tokens at a time
+    (default: `default_window`): each chunk starts afresh after <bos> (contexts do not
+    overlap, so every token is counted once)."""
+    window = default_window(engine) if window is None else window
+    max_len = engine.plan.capacity
     if not 1 <= window < max_len:
         raise DsflowError(f"--score-window {window}: must be between 1 and "
-                          f"{max_len - 1} (the artifacts' max_seq_len minus the <bos>)")
+                          f"{max_len - 1} (the maximum sequence length, {max_len}, minus "
+                          "the <bos>)")
     if not ids:
         raise DsflowError("nothing to score: the text is empty")
     start = engine.manifest.config.bos_token_id
@@ -81,7 +91,7 @@ def score_ids(engine, ids: Sequence[int], n_bytes: int, window: int = DEFAULT_WI
     return Score(nats=nats, tokens=len(ids), bytes=n_bytes)
 
 
-def score_text(engine, text: str, window: int = DEFAULT_WINDOW) -> Score:
+def score_text(engine, text: str, window: Optional[int] = None) -> Score:
     """Log-likelihood of `text` (tokenized without special tokens) under the artifacts."""
     return score_ids(engine, engine.tokenizer.encode(text, add_bos=False),
                      len(text.encode("utf-8")), window)

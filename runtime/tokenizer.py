@@ -31,6 +31,7 @@ class Tokenizer:
     def __init__(self, directory: str | Path, extra_eos_ids: Iterable[int] = ()):
         from tokenizers import Tokenizer as HFTokenizer
         d = Path(directory)
+        self.config_path = d / "tokenizer_config.json"
         try:
             self._tok = HFTokenizer.from_file(str(d / "tokenizer.json"))
             self.config = json.loads((d / "tokenizer_config.json").read_text(encoding="utf-8"))
@@ -71,8 +72,17 @@ class Tokenizer:
             from jinja2.sandbox import ImmutableSandboxedEnvironment
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
             self._template = env.from_string(self.config["chat_template"])
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        from jinja2.sandbox import SecurityError
+        try:
+            return self._template.render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        except (SecurityError, OverflowError) as e:
+            # the sandbox refused: a template reaching for Python internals (__class__,
+            # __globals__, ...), mutating its inputs, or a range too big to build
+            raise TokenizerError(f"{self.config_path}: the chat template was refused by "
+                                 f"the sandbox ({e}); it is not a plain chat template"
+                                 ) from None
 
     def encode_fim(self, prefix: str, suffix: str) -> list[int]:
         """DeepSeek-Coder's fill-in-the-middle prompt: BOS (as usual), then

@@ -7,9 +7,9 @@ and offsets). The portable kernels (graphs/kernels/portable.py), which the CPU g
 run, are executed by MindSpore in graph mode and must match these models; the Ascend
 kernels' plain-op parts (masks, lengths, offsets) run here too and feed the models.
 So the portable graphs and the fused ones compute the same function as far as it can
-be shown without an NPU. Each fused operator itself is also run on CPU: MindSpore
-2.10 has no CPU kernel for any of them, which the last test asserts (and, should a
-later MindSpore run one, it is checked against its model instead).
+be shown without an NPU. Each fused operator itself is also run on CPU against its
+model: MindSpore 2.10 has no CPU kernel for any of them, so those six tests report
+SKIPPED (unverified) here, never passed; on a MindSpore that runs one, it is checked.
 """
 from __future__ import annotations
 
@@ -410,8 +410,10 @@ def _fused_cases() -> dict:
 @pytest.mark.parametrize("name", ["RmsNorm", "RotaryPositionEmbedding", "Swiglu",
                                   "PromptFlashAttention",
                                   "IncreFlashAttention"])
-def test_fused_operator_has_no_cpu_kernel_or_matches_its_model(name, tmp_path, monkeypatch):
-    """MindSpore 2.10 CPU: every fused op fails kernel selection ("Unsupported op").
+def test_fused_operator_matches_its_model(name, tmp_path, monkeypatch):
+    """The fused op against its numpy model. MindSpore 2.10 on CPU has no kernel for
+    any of them (kernel selection fails with "Unsupported op"): the test then reports
+    SKIPPED with that reason, since nothing was verified; any other error fails.
     (AllReduce is not tried: executing it without a cluster kills the process.)"""
     monkeypatch.chdir(tmp_path)  # a failed compile may drop rank_0/om/analyze_fail.ir here
     fn, op, arrays, ref = _fused_cases()[name]
@@ -419,7 +421,8 @@ def test_fused_operator_has_no_cpu_kernel_or_matches_its_model(name, tmp_path, m
         out = run(op, fn, *arrays)
     except (RuntimeError, TypeError, ValueError) as e:
         assert f"Unsupported op [{name}] on CPU" in str(e), str(e)[:500]
-        return
+        pytest.skip(f"fused op {name}: no CPU kernel in MindSpore {ms.__version__} "
+                    "(unverified here; runs only on an Ascend NPU)")
     np.testing.assert_allclose(np.asarray(out, np.float32), ref(), rtol=2e-3, atol=2e-3)
 
 

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from conftest import hf_greedy
 from dsflow.runtime.engine import Engine
 from dsflow.runtime import WorkerError
 from dsflow.runtime.sampling import SamplingParams
@@ -29,16 +30,26 @@ def worker_pids(parent: int) -> list[int]:
     return [int(p) for p in out.split()]
 
 
-def test_json_output_has_the_documented_fields(export_tiny):
-    r = dsrun("--artifacts", export_tiny(1), "--prompt", "def add(a, b):",
-              "--prompt", "# 中文注释 😀", "--max-new-tokens", 6, "--json")
+def test_json_output_has_the_documented_fields(export_tiny, hf_model, engine_for):
+    prompts = ["def add(a, b):", "# 中文注释 😀"]
+    r = dsrun("--artifacts", export_tiny(1), "--prompt", prompts[0],
+              "--prompt", prompts[1], "--max-new-tokens", 6, "--json")
     assert r.returncode == 0, r.stderr
     lines = [json.loads(line) for line in r.stdout.splitlines()]
     assert len(lines) == 2
-    for obj in lines:
+    tokenizer = engine_for(1).tokenizer
+    for prompt, obj in zip(prompts, lines):
+        assert obj["prompt_token_ids"] == tokenizer.encode(prompt)
         assert obj["prompt_token_ids"][0] == 32013
-        assert len(obj["token_ids"]) <= 6 and isinstance(obj["text"], str)
-        assert obj["finish_reason"] in ("stop", "length")
+        # transformers' greedy tokens on the same weights, up to dsflow's stop at EOS
+        ids = obj["token_ids"]
+        reference = hf_greedy(hf_model, obj["prompt_token_ids"], 6)
+        if obj["finish_reason"] == "length":
+            assert ids == reference
+        else:
+            assert obj["finish_reason"] == "stop"
+            assert ids == reference[:len(ids)] and reference[len(ids)] in tokenizer.eos_ids
+        assert obj["text"] == tokenizer.decode(ids)
         assert obj["timings"]["prefill_ms"] > 0
         assert "decode_ms_per_token" in obj["timings"]
     assert "[INFO]" not in r.stderr and "[WARNING]" not in r.stderr

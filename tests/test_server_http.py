@@ -504,12 +504,17 @@ def test_sigterm_drains_in_flight_requests():
             model="fake-model", prompt="a", max_tokens=300)))
         worker.start()
         engine.wait_until(lambda: engine.submitted and engine.submitted[0].seqs[0].c.token_ids)
-        s.server.handle_exit(15, None)  # what SIGTERM does
+        # SIGTERM (handle_exit) drains, then tells uvicorn to stop listening, which its
+        # loop does within 0.1 s: drain first, so that the draining server is observed
+        # for certain, then the rest of what the signal does
+        s.server.supervisor.drain()
         with s.http() as http:
-            try:  # draining, or already no longer listening
-                assert http.get("/health").json()["status"] == "draining"
-            except httpx.ConnectError:
-                pass
+            health = http.get("/health")
+            assert health.status_code == 503 and health.json()["status"] == "draining"
+            late = http.post("/v1/completions", json={"model": "fake-model", "prompt": "b"})
+            assert late.status_code == 503
+            assert late.json()["error"]["code"] == "shutting_down"
+        s.server.handle_exit(15, None)  # what SIGTERM does
         worker.join(DEADLINE_S)
         s.thread.join(DEADLINE_S)
         assert results[0].usage.completion_tokens == 300 and s.server.exit_code == 0

@@ -28,6 +28,7 @@ from dsflow.graphs.config import ConfigError, ModelConfig, config_from_hf_dict, 
 from dsflow.graphs.tp_plan import WeightSpec, weight_specs
 from dsflow.common.dtypes import FLOAT_DTYPES
 from dsflow.common.errors import CheckpointError
+from dsflow.common.paths import hub_cache_root, inside
 from dsflow.export.checkpoint.mindformers import FUSED_MINDFORMERS, config_from_mindformers_yaml, mindformers_to_hf
 from dsflow.export.checkpoint.mindspore_ckpt import MindSporeCkptFile
 from dsflow.export.checkpoint.safetensors import SafetensorsFile
@@ -172,6 +173,8 @@ def side_files_in(directory: Path) -> list[Path]:
 
 
 def _read_index(index: Path) -> dict[str, str]:
+    """The index's weight_map; every file it names must stay inside the checkpoint
+    directory (the index is untrusted: `../x`, `/x` or a symlink out are refused)."""
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         if not all(isinstance(v, str) for v in weight_map.values()):
@@ -179,6 +182,10 @@ def _read_index(index: Path) -> dict[str, str]:
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
         raise CheckpointError(f"{index}: not a weights index (expected a 'weight_map' "
                               "object of tensor name -> file name)") from None
+    directory = index.parent
+    bound = hub_cache_root(directory) or directory
+    for name, fname in weight_map.items():
+        inside(directory, fname, f"{index}: tensor {name!r}", CheckpointError, bound)
     return weight_map
 
 

@@ -227,7 +227,8 @@ def inspect_artifacts(art_dir: str | Path, rank: Optional[int] = None,
                             f"(tp={manifest.tp}: ranks 0..{manifest.tp - 1})")
     out = []
     for g in entries:
-        info = inspect_graph(manifest.root / g["file"], tensors=tensors)
+        info = inspect_graph(manifest.path(g["file"], f"rank {g['rank']} {g['kind']} graph"),
+                             tensors=tensors)
         info = {"rank": g["rank"], "graph": g["kind"], "target": manifest.target, **info}
         out.append(_with_manifest_names(info, g))
     return out

@@ -35,6 +35,7 @@ from dsflow.graphs.tp_plan import check_tp, weight_specs
 from dsflow.common.atomic import AtomicFile, remove_stale_temps, write_text_atomic
 from dsflow.export.checkpoint.reader import SHARDS_MARKER, TOKENIZER_FILES, Checkpoint
 from dsflow.common.dtypes import convert
+from dsflow.common.paths import inside
 from dsflow.common.errors import CheckpointError, ExportError
 from dsflow.artifacts.document import ModelDocument, read_json_document
 from dsflow.common.checksums import sha256_file
@@ -83,10 +84,12 @@ class ShardsIndex(ModelDocument):
         return self.data["hf_config"]
 
     def rank_path(self, rank: int) -> Path:
-        return self.root / self.data["ranks"][rank]["file"]
+        return inside(self.root, self.data["ranks"][rank]["file"],
+                      f"{self.root / INDEX}: ranks[{rank}].file", ShardsError)
 
     def side_files(self) -> list[Path]:
-        return [self.root / rel for rel in self.data["side_files"]]
+        return [inside(self.root, rel, f"{self.root / INDEX}: side_files", ShardsError)
+                for rel in self.data["side_files"]]
 
     def tokenizer_files(self) -> list[Path]:
         files = [self.root / TOKENIZER_DIR / f for f in TOKENIZER_FILES]
@@ -104,9 +107,17 @@ def is_shards_dir(path: str | Path) -> bool:
 def read_index(root: str | Path) -> ShardsIndex:
     """shards.json of a finished `dsexport shard` output (sizes and hashes unchecked)."""
     root = Path(root)
-    return ShardsIndex(root, read_json_document(
+    index = ShardsIndex(root, read_json_document(
         root / INDEX, FORMAT, FORMAT_VERSION, ShardsError,
         f"{root} is not a finished `dsexport shard` output"))
+    try:  # every path it names stays inside root (checked before any is opened)
+        for rank in range(len(index.data["ranks"])):
+            index.rank_path(rank)
+        index.side_files()
+    except (KeyError, TypeError):
+        raise ShardsError(f"{root / INDEX}: 'ranks' or 'side_files' is malformed; "
+                          "re-run `dsexport shard`") from None
+    return index
 
 
 def _matches(path: Path, entry: dict) -> bool:
@@ -120,7 +131,7 @@ def verify(root: str | Path) -> ShardsIndex:
     listed = {r["file"]: r for r in index.data["ranks"]}
     listed.update(index.data["side_files"])
     for rel, entry in listed.items():
-        if not _matches(index.root / rel, entry):
+        if not _matches(inside(index.root, rel, f"{index.root / INDEX}", ShardsError), entry):
             raise ShardsError(f"{index.root / rel}: missing, or its size or sha256 differs "
                               f"from {INDEX} (altered or truncated)")
     return index

@@ -53,11 +53,15 @@ class RmsNormKernel(nn.Cell):
 
 
 def inv_freq(head_dim: int, theta: float, factor: float) -> np.ndarray:
-    """Rotary inverse frequencies as HF computes them (fp32, theta ** (2i/d)), divided by
-    the linear position-interpolation factor, so cos/sin match transformers to the last
-    bit or two."""
-    exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim
-    return (1.0 / (np.float32(theta) ** exponent)).astype(np.float32) / np.float32(factor)
+    """Rotary inverse frequencies bit for bit as transformers computes them (fp32
+    exponent 2i/d; the power of the float theta rounded once to fp32, as torch's
+    scalar ** tensor gives; then 1/x and the linear position-interpolation factor in
+    fp32), so cos/sin equal LlamaRotaryEmbedding's at every position. numpy's fp32
+    power is 1-2 ulp off torch's, which at position 16383 moved cos/sin by 1e-4
+    (tests/test_long_context.py)."""
+    exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    power = (np.float64(theta) ** exponent.astype(np.float64)).astype(np.float32)
+    return (np.float32(1.0) / power) / np.float32(factor)
 
 
 class Rotary(nn.Cell):

@@ -338,7 +338,8 @@ class LiteBackend(SlotBackend):
                                        "config; build the artifacts with --target ascend")
             model.build_from_file(str(model_file(manifest.root, entry)),
                                   self._ms.ModelType.MINDIR, ctx,
-                                  config_path=str(manifest.root / entry["config"]),
+                                  config_path=str(manifest.path(entry["config"],
+                                                                f"rank {self.rank} {kind} config")),
                                   config_dict=config_dict)
 
     def _context(self, rank: int, device_id: int):
@@ -362,7 +363,8 @@ class LiteBackend(SlotBackend):
         out = {"ge_session_options": {"ge.graph_compiler_cache_dir": str(cache)}}
         if manifest.tp > 1:
             name = manifest.lite.get("rank_table") or RANK_TABLE_NAME
-            path = Path(explicit_table or os.environ.get(RANK_TABLE_ENV) or manifest.root / name)
+            path = Path(explicit_table or os.environ.get(RANK_TABLE_ENV)
+                        or manifest.path(name, "lite.rank_table"))
             check_rank_table(path, rank, device_id)
             out["ascend_context"] = {"rank_table_file": str(path.resolve())}
         return out
