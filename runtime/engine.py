@@ -48,6 +48,8 @@ def check_device(manifest: Manifest, device: Optional[str],
                  device_ids: Optional[Sequence[int]]) -> str:
     """The device to run on; refuses graphs that cannot run there, before any worker starts."""
     target = manifest.target
+    if target == "onnx":  # ONNX Runtime's CPU provider (runtime/backends/onnxrt.py)
+        target = "cpu"
     device = device or target
     if device not in ("cpu", "ascend"):
         raise DsflowError(f"--device {device}: unknown (choose cpu or ascend)")

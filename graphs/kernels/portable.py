@@ -17,8 +17,6 @@ contiguous heads preserves exactly that mapping.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
@@ -26,15 +24,11 @@ from mindspore import Tensor, nn, ops
 from dsflow.graphs.config import ModelConfig
 from dsflow.graphs.tp_plan import rank_sizes
 from dsflow.graphs.layers import iota_like
+from dsflow.graphs.numerics import attention_scale, inv_freq
 
 # Added to attention scores that must not be attended. Finite, so a row can never
 # become NaN, and far below any real score so exp() underflows to exactly 0.
 MASK_VALUE = -1e30
-
-
-def attention_scale(head_dim: int) -> float:
-    """Softmax scale of every attention kernel (HF: 1 / sqrt(head_dim))."""
-    return 1.0 / math.sqrt(head_dim)
 
 
 class RmsNormKernel(nn.Cell):
@@ -50,14 +44,6 @@ class RmsNormKernel(nn.Cell):
         x32 = ops.cast(x, ms.float32)
         var = ops.mean(ops.square(x32), -1, keep_dims=True)
         return ops.cast(x32 * ops.rsqrt(var + self.eps), self.dtype) * weight
-
-
-def inv_freq(head_dim: int, theta: float, factor: float) -> np.ndarray:
-    """Rotary inverse frequencies as HF computes them (fp32, theta ** (2i/d)), divided by
-    the linear position-interpolation factor, so cos/sin match transformers to the last
-    bit or two."""
-    exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim
-    return (1.0 / (np.float32(theta) ** exponent)).astype(np.float32) / np.float32(factor)
 
 
 class Rotary(nn.Cell):
