@@ -82,20 +82,26 @@ class QuantPolicy:
     bits: int = 0
     block_size: int = DEFAULT_BLOCK_SIZE
     lm_head_bits: int = 0
+    # MatMulNBits accuracy_level 4: activations quantised to int8 per block and integer
+    # dot products. Without it the 8-bit kernel dequantises on every call (measured
+    # 23 ms vs 0.05 ms for one 768x2048 matrix at batch 1, docs/BENCHMARKS.md); the
+    # quality cost is measured in bits/byte (within the budget).
+    accuracy_level: int = 4
 
     @classmethod
     def from_mode(cls, mode: str, block_size: int = DEFAULT_BLOCK_SIZE,
-                  lm_head: Optional[str] = None) -> "QuantPolicy":
+                  lm_head: Optional[str] = None, accuracy_level: int = 4) -> "QuantPolicy":
         bits = QUANT_BITS.get(mode, 0)
         head = bits if lm_head is None else QUANT_BITS.get(lm_head, 0)
-        return cls(bits, block_size, head)
+        return cls(bits, block_size, head, accuracy_level)
 
     def bits_for(self, name: str) -> int:
         return self.lm_head_bits if name == LM_HEAD else self.bits
 
     def to_dict(self) -> dict:
         return {"bits": self.bits, "block_size": self.block_size,
-                "lm_head_bits": self.lm_head_bits, "embedding_bits": 0}
+                "lm_head_bits": self.lm_head_bits, "embedding_bits": 0,
+                "accuracy_level": self.accuracy_level}
 
 
 def check_weights(cfg: ModelConfig, tp: int, weights: Mapping[str, np.ndarray]) -> None:
@@ -149,7 +155,8 @@ class _Builder:
         return self.node("MatMulNBits", [x, self.const(name + ".q", q.blocks),
                                          self.const(name + ".scales", q.scales)],
                          domain=MS_DOMAIN, K=q.k, N=q.n, bits=bits,
-                         block_size=q.block_size, accuracy_level=0)[0]
+                         block_size=q.block_size,
+                         accuracy_level=self.policy.accuracy_level)[0]
 
 
 def _int32_scalar_ops(b: _Builder) -> tuple[str, str, str]:

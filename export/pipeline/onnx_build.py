@@ -10,6 +10,7 @@ build is declared finished.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -82,6 +83,8 @@ def export_onnx_rank(shards: ShardsIndex, rank: int, root: Path, capacity: int,
                     location=DATA_FILE, size_threshold=1024)
     del model
     onnx.checker.check_model(str(path), full_check=True)
+    for p in (path, rank_dir / DATA_FILE):
+        os.chmod(p, 0o444)  # as the MindIR files: read-only, readable by others
     progress("graph", rank, "model", 1, 1)
     rel = path.relative_to(root).as_posix()
     return [{"rank": rank, "kind": kind, "file": rel,

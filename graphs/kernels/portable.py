@@ -17,7 +17,6 @@ contiguous heads preserves exactly that mapping.
 """
 from __future__ import annotations
 
-import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
