@@ -24,7 +24,7 @@ A MindSpore Cell tree cannot be traced into ONNX without MindSpore's own ONNX ex
 written here with `onnx.helper`, one small function per piece.
 
 Layout notes. fp32 MatMul weights are stored transposed ([in, out], what ONNX MatMul
-takes) under their HF names; quantised ones are MatMulNBits blocks of the HF
+takes) under their HF names, except q/k/v, concatenated into one `qkv_proj` (below); quantised ones are MatMulNBits blocks of the HF
 [out, in] matrix (graphs/onnx_quant.py) as `<name>.q` and `<name>.scales`.
 """
 from __future__ import annotations
@@ -63,6 +63,10 @@ DECODER_LAYER = (
     ("mlp.up_proj.weight", "linear"),
     ("mlp.down_proj.weight", "linear"),
 )
+# q, k and v stored as one matrix (rows q | k | v) and multiplied once; GroupQueryAttention
+# takes the packed result. One MatMul instead of three per layer, as onnxruntime-genai
+# does; the per-rank q/k/v shapes still come from, and are checked against, the plan.
+QKV_SUFFIX = "self_attn.qkv_proj.weight"
 EMBED, FINAL_NORM, LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
 
 
@@ -188,11 +192,11 @@ def _attention(b: _Builder, cfg: ModelConfig, sizes: RankSizes, layer: int, h: s
                w: Mapping[str, np.ndarray], names: tuple[str, str, str, str],
                seqlens: str, total: str) -> str:
     past_k, past_v, present_k, present_v = names
-    q, k, v = (b.linear(h, weight_name(layer, s), w[weight_name(layer, s)])
-               for s in ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
-                         "self_attn.v_proj.weight"))
+    qkv = np.concatenate([w[weight_name(layer, f"self_attn.{p}_proj.weight")]
+                          for p in ("q", "k", "v")])
+    packed = b.linear(h, weight_name(layer, QKV_SUFFIX), qkv)
     out = b.node("GroupQueryAttention",
-                 [q, k, v, past_k, past_v, seqlens, total, "cos_cache", "sin_cache"],
+                 [packed, "", "", past_k, past_v, seqlens, total, "cos_cache", "sin_cache"],
                  [b.name("attn"), present_k, present_v], domain=MS_DOMAIN,
                  num_heads=sizes.heads, kv_num_heads=sizes.kv_heads, do_rotary=1,
                  rotary_interleaved=0, scale=attention_scale(cfg.head_dim))[0]

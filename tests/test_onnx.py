@@ -165,9 +165,12 @@ def test_greedy_tokens_and_logits_match_transformers(name, shape_model, onnx_eng
     ref = [hf_greedy(model, p, NEW) for p in PROMPTS]
     assert [r.token_ids for r in got] == ref
     ours = engine.forced_logits(PROMPTS, [r[:6] for r in ref])
+    # chunks of 8: several rows continue after a past in one step
+    chunked = engine.forced_logits(PROMPTS, [r[:6] for r in ref], prefill_chunk=8)
     for b, p in enumerate(PROMPTS):
-        np.testing.assert_allclose(ours[b], reference_logits(model, p, ref[b][:6]),
-                                   atol=1e-4, rtol=0)
+        want = reference_logits(model, p, ref[b][:6])
+        np.testing.assert_allclose(ours[b], want, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(chunked[b], want, atol=1e-4, rtol=0)
 
 
 def test_long_prompt_where_rope_scaling_shows(shape_model, onnx_engine):
@@ -225,17 +228,25 @@ def test_rows_are_moved_only_when_a_step_needs_them_consecutive(shape_model):
                       0)[0] for s, t in ((3, 11), (1, 12))]
     np.testing.assert_allclose(both, np.stack(alone), atol=1e-5)
     swaps = a.swaps
+    # a chunk after a past for two rows at once (run row by row: GQA's CPU limit)
+    chunk = np.array([[21, 22, 23], [24, 25, 0]], np.int32)
+    at = np.array([lengths[3] + 1, lengths[1] + 1], np.int32)
+    got = a.prefill(np.array([3, 1], np.int32), chunk, at, np.array([3, 2], np.int32), 0)
+    want = [b.prefill(np.array([s], np.int32), chunk[i:i + 1, :n], at[i:i + 1],
+                      np.array([n], np.int32), 0)[0]
+            for i, (s, n) in enumerate(((3, 3), (1, 2)))]
+    np.testing.assert_allclose(got, np.stack(want), atol=1e-5)
     a.decode(np.array([3, 1], np.int32), np.array([13, 14]),
-             np.array([lengths[3] + 1, lengths[1] + 1], np.int32), 0)
+             np.array([lengths[3] + 4, lengths[1] + 3], np.int32), 0)
     assert a.swaps == swaps  # the same set again: nothing moves
-    a.copy_slot(3, [0], lengths[3] + 2)
+    a.copy_slot(3, [0], lengths[3] + 5)
     np.testing.assert_allclose(
-        a.decode(np.array([0], np.int32), np.array([15]), np.array([lengths[3] + 2], np.int32), 0),
-        a.decode(np.array([3], np.int32), np.array([15]), np.array([lengths[3] + 2], np.int32), 0),
+        a.decode(np.array([0], np.int32), np.array([15]), np.array([lengths[3] + 5], np.int32), 0),
+        a.decode(np.array([3], np.int32), np.array([15]), np.array([lengths[3] + 5], np.int32), 0),
         atol=1e-6)
 
 
-def test_n_samples_and_stop_strings_on_the_onnx_backend(shape_model, onnx_engine):
+def test_n_samples_on_the_onnx_backend(shape_model, onnx_engine):
     """copy_slot through the engine: n greedy samples are identical to one."""
     model = shape_model("gqa1-hd64")[0]
     engine = onnx_engine("gqa1-hd64")

@@ -204,9 +204,15 @@ class OnnxRuntimeBackend(RankBackend):
         valid_length = np.asarray(valid_length, np.int32)
         # padding columns past every row's last real token are not fed
         input_ids = input_ids[:, :max(1, int(valid_length.max()))]
-        if int((start + input_ids.shape[1]).max()) <= self.capacity:
+        rows, seq = input_ids.shape
+        # GroupQueryAttention's CPU kernel takes a chunk after a past (seq > 1, start > 0)
+        # for one row at a time ("batch_size must be 1 when sequence_length > 1 and past
+        # context is given", onnxruntime 1.32); first chunks (every start 0) batch
+        after_past = seq > 1 and rows > 1 and int(start.max()) > 0
+        # and a row near the end of its slot cannot take the others' padding
+        overflow = int((start + seq).max()) > self.capacity
+        if not (after_past or overflow):
             return self._run(slot_ids, input_ids, start, valid_length)
-        # a row near the end of its slot cannot take the others' padding: one call each
         return np.concatenate([self._run(slot_ids[i:i + 1],
                                          input_ids[i:i + 1, :valid_length[i]],
                                          start[i:i + 1], valid_length[i:i + 1])
