@@ -56,8 +56,9 @@ def check_device(manifest: Manifest, device: Optional[str],
     if device != target:
         why = ("their fused Ascend operators have no CPU kernels" if target == "ascend"
                else "Ascend runs the Lite models built with --target ascend")
-        raise DsflowError(f"{manifest.root} was built with --target {target}; it cannot run "
-                          f"on --device {device} ({why}); rebuild with --target {device}")
+        raise DsflowError(f"{manifest.root} was built with --target {manifest.target}; it "
+                          f"cannot run on --device {device} ({why}); rebuild with --target "
+                          f"{device}")
     if device_ids is not None:
         if device == "cpu":
             raise DsflowError("--devices applies to --device ascend only")
