@@ -9,10 +9,10 @@ operators that compute it:
   `tp_plan.weight_specs`, under its checkpoint name, and `check_weights` refuses
   weights that miss, add to or disagree with the plan, as `RankModel` does for its
   parameters;
-- the layer sequence, spelled once in `DECODER_LAYER`/`weight_name` below and in the
-  cell tree of graphs/model.py with the same HF names (embed -> per layer: input
-  norm, q/k/v, rotary, attention, o_proj, residual, post-attention norm, SwiGLU MLP,
-  residual -> final norm -> lm_head on each row's last real token);
+- the layer sequence with the same HF names as the cell tree of graphs/model.py
+  (embed -> per layer: input norm, q/k/v, rotary, attention, o_proj, residual,
+  post-attention norm, SwiGLU MLP, residual -> final norm -> lm_head on each row's
+  last real token), written out in `build_rank_graph`;
 - the numbers: rotary inverse frequencies with the linear scaling applied and the
   softmax scale (graphs/numerics.py), and rms_norm_eps;
 - the graph signature (graphs/signatures.py, "inplace" cache mode).
@@ -45,24 +45,10 @@ MS_DOMAIN = "com.microsoft"
 OPSET = 23  # RMSNormalization (opset 23) for the first norm
 QUANT_MODES = ("none", "int8", "int4")
 QUANT_BITS = {"int8": 8, "int4": 4}
-# Per block of this many input features one scale (MatMulNBits block_size). Measured on
-# the 125M shape (docs/BENCHMARKS.md, tools/bench_onnx.py --block-sizes): 32 is the most
-# accurate and within noise of 64/128 in speed here.
+# Per block of this many input features one scale (MatMulNBits block_size): 32 is the
+# most accurate of 32/64/128 in bits/byte (docs/BENCHMARKS.md, tools/eval_onnx_quant.py).
 DEFAULT_BLOCK_SIZE = 32
 
-# The decoder layer, in order: (HF weight suffix, role). The MindSpore cell tree in
-# graphs/model.py has the same names (Attention/MLP/DecoderLayer).
-DECODER_LAYER = (
-    ("input_layernorm.weight", "norm"),
-    ("self_attn.q_proj.weight", "linear"),
-    ("self_attn.k_proj.weight", "linear"),
-    ("self_attn.v_proj.weight", "linear"),
-    ("self_attn.o_proj.weight", "linear"),
-    ("post_attention_layernorm.weight", "norm"),
-    ("mlp.gate_proj.weight", "linear"),
-    ("mlp.up_proj.weight", "linear"),
-    ("mlp.down_proj.weight", "linear"),
-)
 # q, k and v stored as one matrix (rows q | k | v) and multiplied once; GroupQueryAttention
 # takes the packed result. One MatMul instead of three per layer, as onnxruntime-genai
 # does; the per-rank q/k/v shapes still come from, and are checked against, the plan.
@@ -227,7 +213,7 @@ def build_rank_graph(cfg: ModelConfig, tp: int, weights: Mapping[str, np.ndarray
 
     `capacity` is the longest sequence the rotary tables cover (the manifest's
     max_seq_len); the graph's cache axis is dynamic up to it."""
-    from onnx import TensorProto, helper
+    from onnx import helper
     if tp != 1:
         raise ValueError("the ONNX target is single-rank (ONNX Runtime has no CPU collective)")
     check_weights(cfg, tp, weights)
