@@ -314,6 +314,15 @@ def test_quant_with_a_mindir_target_is_a_usage_error(tmp_path):
     assert not (tmp_path / "a").exists()
 
 
+@pytest.mark.parametrize("args, needle", [
+    (["--dtype", "bf16"], "--dtype bfloat16"), (["--cache-mode", "window"], "--cache-mode"),
+    (["--quant", "int4", "--quant-block-size", "24"], "--quant-block-size 24")])
+def test_options_the_onnx_target_cannot_honour(tmp_path, args, needle):
+    result = _dsexport("build", "-q", "--target", "onnx", *args, "--out", tmp_path / "a")
+    assert result.exit_code == 2 and needle in result.output, result.output
+    assert not (tmp_path / "a").exists()
+
+
 def test_onnx_with_tp_2_is_refused_pointing_to_mindir(tmp_path):
     result = _dsexport("build", "-q", "--target", "onnx", "--tp", "2", "--out", tmp_path / "a")
     assert result.exit_code == 2 and "MindIR" in result.output

@@ -229,7 +229,8 @@ def _check_options(opts: BuildOptions) -> str:
     """Validate target, dtype, cache mode and quantisation; returns the weight dtype."""
     if opts.target == ONNX_TARGET:
         from dsflow.export.pipeline.onnx_build import check_onnx_options
-        check_onnx_options(opts.tp, opts.dtype, opts.cache_mode, opts.quant)
+        check_onnx_options(opts.tp, opts.dtype, opts.cache_mode, opts.quant,
+                           opts.quant_block_size)
         return "float32"
     if opts.target not in TARGET_DTYPES:
         raise ExportError(f"--target {opts.target}: unknown (choose from "

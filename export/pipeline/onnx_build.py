@@ -31,7 +31,7 @@ HEAD_DIM_MULTIPLE = 16
 
 
 def check_onnx_options(tp: int, dtype: Optional[str], cache_mode: Optional[str],
-                       quant: Optional[str]) -> None:
+                       quant: Optional[str], block_size: Optional[int] = None) -> None:
     """Options --target onnx cannot honour, refused as usage errors before any work."""
     if tp != 1:
         raise OptionError(f"--tp {tp} with --target onnx: ONNX Runtime's CPU provider has no "
@@ -45,6 +45,9 @@ def check_onnx_options(tp: int, dtype: Optional[str], cache_mode: Optional[str],
                           "update the slot cache in place (no cache mode to choose)")
     if quant is not None and quant not in QUANT_MODES:
         raise OptionError(f"--quant {quant}: choose from {', '.join(QUANT_MODES)}")
+    if block_size is not None and (block_size < 16 or block_size & (block_size - 1)):
+        raise OptionError(f"--quant-block-size {block_size}: a power of two, at least 16 "
+                          "(MatMulNBits)")
 
 
 def check_onnx_model(cfg: ModelConfig) -> None:
