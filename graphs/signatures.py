@@ -48,6 +48,24 @@ head_dim-long rows as the update slices. `slots` and `capacity` are named axes:
 dynamic in an exported MindIR (a CPU resident build serves any --max-batch /
 --max-seq-len), fixed by the Lite config for GE (export/pipeline/lite_build.py).
 
+In-place mode ("inplace", the ONNX target: graphs/onnx_model.py). ONNX Runtime's
+GroupQueryAttention reads a past K/V buffer [batch, kv_heads, capacity, head_dim] per
+layer and writes the new K/V into its present output; when the caller binds past and
+present to the same memory it writes in place and copies nothing. The worker's slot
+cache is [layers, slots, kv_heads, capacity, head_dim], so a run of consecutive slots
+is, per layer, one contiguous block that is bound as both (runtime/backends/onnxrt.py).
+One graph serves prefill and decode (a decode step is a chunk of one token), so the
+weights are loaded and prepacked once; the manifest lists it under both kinds.
+- inputs: input_ids [batch, seq], past_key.<layer> ..., past_value.<layer> ...,
+  start [batch], valid_length [batch] (layer numbers zero-padded, so name order is
+  layer order). Row b's tokens sit at positions start[b].. and attend to
+  positions < start[b] and causally to each other; the returned logits are those of
+  its last real token (valid_length[b] - 1). Padding columns are written to the
+  cache beyond the row's real tokens, where nothing reads them before a real token
+  overwrites them, so start[b] + seq must fit the capacity.
+- outputs: logits [batch, vocab / tp], present_key.<layer>, present_value.<layer>
+  (the same buffers as the pasts).
+
 Positions, starts and lengths are int32 whatever the compute dtype.
 
 Inputs are listed in name order. MindSpore Lite matches the `ge.inputShape` entries of
@@ -74,8 +92,9 @@ SLOTS, CAPACITY = "slots", "capacity"
 CACHE_LAYOUT = ("layers", SLOTS, "kv_heads_per_rank", CAPACITY, "head_dim")
 WINDOW_LAYOUT = ("layers", BATCH, "kv_heads_per_rank", KV_LEN, "head_dim")
 GRAPH_KINDS = ("prefill", "decode")
-WINDOW, RESIDENT = "window", "resident"
-CACHE_MODES = (WINDOW, RESIDENT)
+WINDOW, RESIDENT, INPLACE = "window", "resident", "inplace"
+CACHE_MODES = (WINDOW, RESIDENT, INPLACE)
+INPLACE_LAYOUT = (BATCH, "kv_heads_per_rank", CAPACITY, "head_dim")
 
 
 @dataclass(frozen=True)
@@ -146,6 +165,8 @@ def graph_signature(kind: str, cfg: ModelConfig, tp: int, dtype: str,
         raise ValueError(f"unknown graph kind {kind!r}; expected one of {GRAPH_KINDS}")
     if cache_mode == RESIDENT:
         sig = _resident_signature(kind, cfg, tp, dtype)
+    elif cache_mode == INPLACE:
+        sig = _inplace_signature(kind, cfg, tp, dtype)
     else:
         sig = _window_signature(kind, cfg, tp, dtype)
     check_input_order(sig)
@@ -184,3 +205,23 @@ def _window_signature(kind: str, cfg: ModelConfig, tp: int, dtype: str) -> Graph
         new = cache_shape(cfg, tp, 1)
     outputs = (_logits(cfg, tp), TensorSpec("key", new, dtype), TensorSpec("value", new, dtype))
     return GraphSignature(kind, inputs, outputs)
+
+
+def layer_tensor_names(prefix: str, layers: int) -> list[str]:
+    """`prefix.<layer>` for every layer, zero-padded so that name order is layer order."""
+    width = len(str(max(layers - 1, 0)))
+    return [f"{prefix}.{i:0{width}d}" for i in range(layers)]
+
+
+def _inplace_signature(kind: str, cfg: ModelConfig, tp: int, dtype: str) -> GraphSignature:
+    """The ONNX graph (module docstring, in-place mode): the same for both kinds."""
+    sizes = rank_sizes(cfg, tp)
+    shape = (BATCH, sizes.kv_heads, CAPACITY, sizes.head_dim)
+
+    def per_layer(prefix: str) -> tuple[TensorSpec, ...]:
+        return tuple(TensorSpec(n, shape, dtype) for n in layer_tensor_names(prefix, sizes.layers))
+    inputs = (TensorSpec("input_ids", (BATCH, SEQ), "int32"), *per_layer("past_key"),
+              *per_layer("past_value"), TensorSpec("start", (BATCH,), "int32"),
+              TensorSpec("valid_length", (BATCH,), "int32"))
+    return GraphSignature(kind, inputs, (_logits(cfg, tp), *per_layer("present_key"),
+                                         *per_layer("present_value")), INPLACE)

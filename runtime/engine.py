@@ -106,14 +106,17 @@ def check_device(manifest: Manifest, device: Optional[str],
                  device_ids: Optional[Sequence[int]]) -> str:
     """The device to run on; refuses graphs that cannot run there, before any worker starts."""
     target = manifest.target
+    if target == "onnx":  # ONNX Runtime's CPU provider (runtime/backends/onnxrt.py)
+        target = "cpu"
     device = device or target
     if device not in ("cpu", "ascend"):
         raise DsflowError(f"--device {device}: unknown (choose cpu or ascend)")
     if device != target:
         why = ("their fused Ascend operators have no CPU kernels" if target == "ascend"
                else "Ascend runs the Lite models built with --target ascend")
-        raise DsflowError(f"{manifest.root} was built with --target {target}; it cannot run "
-                          f"on --device {device} ({why}); rebuild with --target {device}")
+        raise DsflowError(f"{manifest.root} was built with --target {manifest.target}; it "
+                          f"cannot run on --device {device} ({why}); rebuild with --target "
+                          f"{device}")
     if device_ids is not None:
         if device == "cpu":
             raise DsflowError("--devices applies to --device ascend only")

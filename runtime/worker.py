@@ -73,7 +73,11 @@ def _serve(conn, ops: RankOps) -> None:
 
 def make_backend(manifest, rank: int, device: str, device_id: int,
                  allow_version_mismatch: bool = False) -> "RankBackend":
-    """The only place the device matters: MindSpore GraphCell on CPU, or Lite on Ascend."""
+    """The only place the device matters: MindSpore GraphCell on CPU, or Lite on Ascend;
+    an ONNX build (its manifest's target) runs on ONNX Runtime's CPU provider."""
+    if manifest.target == "onnx":
+        from dsflow.runtime.backends.onnxrt import OnnxRuntimeBackend
+        return OnnxRuntimeBackend(manifest, rank)
     if device == "ascend":
         from dsflow.runtime.backends.lite import LiteBackend
         return LiteBackend(manifest, rank, device_id,

@@ -18,6 +18,7 @@ median over rounds, TTFT/ITL percentiles pool every round's samples.
 
     python tools/bench_serve.py --workdir /tmp/dsflow-bench-serve      # ~10 minutes on 2 cores
     python tools/bench_serve.py --clients 1,8 --rounds 3 --prefill-chunk 64
+    python tools/bench_serve.py --clients 1,8 --rounds 3 --modes continuous --target onnx
     python tools/bench_serve.py --clients 1,8 --modes continuous --max-step-tokens 100000
                                   # no step budget: a whole chunk joins running decodes
 Needs the test extra (torch, transformers) to make the checkpoint.
@@ -44,12 +45,14 @@ PROMPT_LENS = (16, 24, 32, 40, 48, 56, 64, 72)
 def serve_artifacts(work: Path, args) -> Path:
     """The benchmark model's checkpoint and tp=1 artifacts in `work`, made if missing
     (also used by tools/bench_batch_scaling.py, which measures the same model)."""
-    ckpt, art = work / "ckpt", work / "art-serve-tp1"
+    target = getattr(args, "target", "cpu")
+    ckpt = work / "ckpt"
+    art = work / ("art-serve-tp1" if target == "cpu" else f"art-serve-{target}")
     if not (ckpt / "config.json").exists():
         make_checkpoint(ckpt, args)
     if not (art / "manifest.json").exists():
         from dsflow.export.pipeline.build import BuildOptions, build
-        build(BuildOptions(model_dir=ckpt, out=art, tp=1, max_seq_len=1024))
+        build(BuildOptions(model_dir=ckpt, out=art, tp=1, max_seq_len=1024, target=target))
     return art
 
 
@@ -114,6 +117,8 @@ def main() -> None:
     p.add_argument("--prefill-chunk", type=int, default=None)
     p.add_argument("--max-step-tokens", type=int, default=None)
     p.add_argument("--modes", default="continuous,static")
+    p.add_argument("--target", choices=["cpu", "onnx"], default="cpu",
+                   help="artifacts to serve: MindIR on MindSpore, or ONNX on ONNX Runtime")
     p.add_argument("--rounds", type=int, default=1,
                    help="measure every (clients, mode) this many times, interleaved")
     model_arguments(p)

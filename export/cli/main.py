@@ -12,6 +12,7 @@ from dsflow.common.cli import (CONTEXT_SETTINGS, run_command, setup_logging, ver
                                written_report)
 from dsflow.common.errors import OptionError
 from dsflow.graphs.kernels import TARGETS
+from dsflow.graphs.onnx_model import ONNX_TARGET, QUANT_MODES
 
 DEFAULT_OUT = "dsflow-artifacts"
 
@@ -69,10 +70,18 @@ def main() -> None:
                    "the attention heads, KV heads and MLP size (33B: 1, 2, 4 or 8).")
 @click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_OUT, show_default=True,
               help="Artifacts directory to write (replaced atomically when the build succeeds).")
-@click.option("--target", type=click.Choice(list(TARGETS)), default="cpu", show_default=True,
+@click.option("--target", type=click.Choice([*TARGETS, ONNX_TARGET]), default="cpu",
+              show_default=True,
               help="cpu: portable fp32 graphs run by MindSpore here. ascend: fused Ascend "
                    "operators, bf16 weights, MindSpore Lite configs (and conversion where "
-                   "converter_lite is found); runs only on Ascend (docs/ASCEND.md).")
+                   "converter_lite is found); runs only on Ascend (docs/ASCEND.md). onnx: "
+                   "one ONNX model per rank for ONNX Runtime's CPU provider (tp 1; edge "
+                   "and CPU hosts, with --quant for int8/int4 weights).")
+@click.option("--quant", type=click.Choice(list(QUANT_MODES)), default=None,
+              help="onnx: weight-only quantisation of the linear layers (MatMulNBits); "
+                   "the embedding stays fp32. Default: none.")
+@click.option("--quant-block-size", type=int, default=None,
+              help="onnx with --quant: input features per quantisation scale (default 32).")
 @click.option("--dtype", default=None,
               help="Weight dtype: float32/fp32, bfloat16/bf16 or float16/fp16. Default: "
                    "float32 for cpu, bfloat16 for ascend.")
@@ -104,6 +113,7 @@ def main() -> None:
               help="Show MindSpore's own log lines, and the traceback of a failure.")
 @run_command("dsexport")
 def build(model_dir: Optional[Path], tp: int, out: Path, target: str, dtype: Optional[str],
+          quant: Optional[str], quant_block_size: Optional[int],
           buckets: Optional[str], batch_sizes: str, cache_mode: Optional[str],
           devices: Optional[str],
           config_path: Optional[Path], max_seq_len: Optional[int], quiet: bool,
@@ -111,7 +121,8 @@ def build(model_dir: Optional[Path], tp: int, out: Path, target: str, dtype: Opt
     """Shard a checkpoint by rank and export each rank's prefill and decode graphs.
 
     Writes OUT/manifest.json (model config, tp plan, graph signatures, KV-cache layout,
-    sha256 of every file), OUT/tokenizer/ and OUT/rank<R>/{prefill,decode}.mindir.
+    sha256 of every file), OUT/tokenizer/ and OUT/rank<R>/{prefill,decode}.mindir
+    (--target onnx: OUT/rank0/model.onnx + model.onnx.data, one graph for both).
     Nothing is left behind on failure.
     """
     from dsflow.common.logs import quiet_mindspore
@@ -126,7 +137,8 @@ def build(model_dir: Optional[Path], tp: int, out: Path, target: str, dtype: Opt
     options = dict(tp=tp, target=target, dtype=parse_dtype(dtype), max_seq_len=max_seq_len,
                    config=config_path, buckets=int_list(buckets, "--buckets"),
                    batch_sizes=tuple(int_list(batch_sizes, "--batch-sizes") or (1,)),
-                   device_ids=int_list(devices, "--devices"), cache_mode=cache_mode)
+                   device_ids=int_list(devices, "--devices"), cache_mode=cache_mode,
+                   quant=quant, quant_block_size=quant_block_size)
     if model_dir is None:
         from dsflow.export.pipeline.default_model import default_model_dir
         model_dir = default_model_dir()

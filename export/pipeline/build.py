@@ -25,11 +25,12 @@ from typing import Callable, Iterator, Optional
 from dsflow.graphs.config import ModelConfig
 from dsflow.graphs.kernels import (TARGET_CACHE_MODES, TARGET_DTYPES, cache_dtype,
                                    check_target)
-from dsflow.graphs.signatures import CACHE_MODES, GRAPH_KINDS, graph_signature
+from dsflow.graphs.onnx_model import DEFAULT_BLOCK_SIZE, ONNX_TARGET, QuantPolicy
+from dsflow.graphs.signatures import CACHE_MODES, GRAPH_KINDS, INPLACE, graph_signature
 from dsflow.graphs.tp_plan import check_tp, weight_specs
 from dsflow.export.checkpoint.reader import Checkpoint
 from dsflow.common.dtypes import convert
-from dsflow.common.errors import ExportError
+from dsflow.common.errors import ExportError, OptionError
 from dsflow.artifacts.manifest import (GENERATION_CONFIG, MANIFEST_NAME, kv_cache_section,
                                        write_manifest)
 from dsflow.common.atomic import make_staging_dir
@@ -72,11 +73,18 @@ class BuildOptions:
     device_ids: Optional[list[int]] = None
     # "window" or "resident" (graphs/signatures.py); None: the target's default
     cache_mode: Optional[str] = None
+    # --target onnx: weight-only quantisation ("none", "int8", "int4"; None: none) and
+    # the MatMulNBits block size
+    quant: Optional[str] = None
+    quant_block_size: Optional[int] = None
 
     def resolved_cache_mode(self) -> str:
         """The --cache-mode, else the target's default; on Ascend the default is resident
         only where the Lite of the exporting MindSpore's release takes device tensors
-        (artifacts/lite.py ascend_cache_mode), else window."""
+        (artifacts/lite.py ascend_cache_mode), else window; ONNX graphs update their
+        cache in place (graphs/signatures.py INPLACE)."""
+        if self.target == ONNX_TARGET:
+            return INPLACE
         if self.cache_mode or self.target != "ascend":
             return self.cache_mode or TARGET_CACHE_MODES[self.target]
         return ascend_cache_mode(_mindspore_version())
@@ -233,20 +241,30 @@ def _generation_config(model_dir: Path) -> Optional[Path]:
     return None
 
 
-def build(opts: BuildOptions, progress: Progress = _no_progress,
-          notice: Callable[[str], None] = _no_progress) -> Path:
-    """Run the whole export; returns the finished artifacts directory.
-
-    `notice(text)` receives messages for the user (e.g. that converter_lite was not
-    found and which script to run on the Ascend host)."""
+def _check_options(opts: BuildOptions) -> str:
+    """Validate target, dtype, cache mode and quantisation; returns the weight dtype."""
+    if opts.target == ONNX_TARGET:
+        from dsflow.export.pipeline.onnx_build import check_onnx_options
+        check_onnx_options(opts.tp, opts.dtype, opts.cache_mode, opts.quant,
+                           opts.quant_block_size)
+        return "float32"
     if opts.target not in TARGET_DTYPES:
         raise ExportError(f"--target {opts.target}: unknown (choose from "
-                          f"{', '.join(TARGET_DTYPES)})")
+                          f"{', '.join((*TARGET_DTYPES, ONNX_TARGET))})")
+    if opts.quant is not None or opts.quant_block_size is not None:
+        raise OptionError(f"--quant with --target {opts.target}: the MindIR targets have no "
+                          "quantisation; use --target onnx for int8/int4 weights")
     dtype = opts.dtype or TARGET_DTYPES[opts.target]
     check_target(opts.target, dtype)
     if opts.resolved_cache_mode() not in CACHE_MODES:
         raise ExportError(f"--cache-mode {opts.cache_mode}: unknown (choose from "
                           f"{', '.join(CACHE_MODES)})")
+    return dtype
+
+
+def _check_release(opts: BuildOptions) -> None:
+    """The installed MindSpore fits the target: CPU runs on 2.10 only; a resident Ascend
+    cache needs a Lite release that takes device tensors (artifacts/lite.py)."""
     found = release_numbers(_mindspore_version())
     if opts.target == "cpu" and found is not None and found[:2] != CPU_RELEASE:
         raise ExportError(
@@ -257,15 +275,53 @@ def build(opts: BuildOptions, progress: Progress = _no_progress,
     if (opts.target == "ascend" and opts.cache_mode == "resident"
             and not takes_device_tensors(_mindspore_version())):
         raise ExportError(resident_refusal(_mindspore_version(), "--cache-mode resident"))
+
+
+def _engine_versions(opts: BuildOptions) -> dict:
+    """Import the graph library (heavy: only once the inputs are known to be good)."""
+    if opts.target == ONNX_TARGET:
+        from dsflow.export.pipeline.onnx_build import onnx_versions
+        return onnx_versions()
+    import mindspore as ms
+    _graph_mode_on_cpu(ms)
+    return {"mindspore_version": ms.__version__}
+
+
+def _export_graphs(shards: ShardsIndex, opts: BuildOptions, dtype: str, root: Path,
+                   max_seq: int, progress: Progress) -> tuple[list[dict], dict]:
+    """Every rank's graphs; returns their manifest entries and any target section."""
+    graphs: list[dict] = []
+    if opts.target == ONNX_TARGET:
+        from dsflow.export.pipeline.onnx_build import export_onnx_rank, onnx_section
+        policy = QuantPolicy.from_mode(opts.quant or "none",
+                                       opts.quant_block_size or DEFAULT_BLOCK_SIZE)
+        for rank in range(opts.tp):
+            graphs += export_onnx_rank(shards, rank, root, max_seq, policy, progress)
+        return graphs, {"onnx": onnx_section(policy)}
+    for rank in range(opts.tp):
+        graphs += _export_rank(shards, opts, dtype, rank, root, progress)
+    return graphs, {}
+
+
+def build(opts: BuildOptions, progress: Progress = _no_progress,
+          notice: Callable[[str], None] = _no_progress) -> Path:
+    """Run the whole export; returns the finished artifacts directory.
+
+    `notice(text)` receives messages for the user (e.g. that converter_lite was not
+    found and which script to run on the Ascend host)."""
+    dtype = _check_options(opts)
+    _check_release(opts)
     source = _open_source(opts)
     try:
         cfg = source.config
         max_seq = opts.max_seq_len or cfg.max_position_embeddings
         if max_seq < 2:
             raise ExportError(f"--max-seq-len {max_seq}: must be at least 2")
+        if opts.target == ONNX_TARGET:
+            from dsflow.export.pipeline.onnx_build import check_onnx_model
+            check_onnx_model(cfg)
         buckets = resolve_buckets(opts, max_seq)
-        import mindspore as ms  # heavy: only once the inputs are known to be good
-        _graph_mode_on_cpu(ms)
+        versions = _engine_versions(opts)
         with staging_dir(opts.out) as root:
             shards = _shards_for(source, opts, dtype, root)
             (root / "tokenizer").mkdir()
@@ -274,13 +330,11 @@ def build(opts: BuildOptions, progress: Progress = _no_progress,
             generation = _generation_config(Path(opts.model_dir))
             if generation is not None:
                 shutil.copyfile(generation, root / GENERATION_CONFIG)
-            graphs = []
-            for rank in range(opts.tp):
-                graphs += _export_rank(shards, opts, dtype, rank, root, progress)
+            graphs, sections = _export_graphs(shards, opts, dtype, root, max_seq, progress)
             shutil.rmtree(root / SCRATCH_SHARDS, ignore_errors=True)
             data = {
                 "dsflow_version": dsflow_version(),
-                "mindspore_version": ms.__version__,
+                **versions,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "source": str(Path(opts.model_dir).resolve()),
                 "target": opts.target,
@@ -289,10 +343,11 @@ def build(opts: BuildOptions, progress: Progress = _no_progress,
                 "model": cfg.to_dict(),
                 "tp_plan": [{"name": s.name, "shape": list(s.shape), "split": s.split.value,
                              "axis": s.axis} for s in weight_specs(cfg)],
-                "kv_cache": kv_cache_section(cfg, opts.tp, cache_dtype(opts.target, dtype),
+                "kv_cache": kv_cache_section(cfg, opts.tp, _cache_dtype(opts, dtype),
                                              max_seq, opts.resolved_cache_mode()),
                 "buckets": buckets,
                 "graphs": graphs,
+                **sections,
             }
             if opts.target == "ascend":
                 _lite_stage(root, data, opts, notice)
@@ -301,3 +356,7 @@ def build(opts: BuildOptions, progress: Progress = _no_progress,
         if source.ckpt is not None:
             source.ckpt.close()
     return opts.out.resolve()
+
+
+def _cache_dtype(opts: BuildOptions, dtype: str) -> str:
+    return dtype if opts.target == ONNX_TARGET else cache_dtype(opts.target, dtype)

@@ -227,8 +227,12 @@ def inspect_artifacts(art_dir: str | Path, rank: Optional[int] = None,
                             f"(tp={manifest.tp}: ranks 0..{manifest.tp - 1})")
     out = []
     for g in entries:
-        info = inspect_graph(manifest.path(g["file"], f"rank {g['rank']} {g['kind']} graph"),
-                             tensors=tensors)
+        path = manifest.path(g["file"], f"rank {g['rank']} {g['kind']} graph")
+        if path.suffix == ".onnx":  # --target onnx
+            from dsflow.export.pipeline.inspect_onnx import inspect_onnx_graph
+            info = inspect_onnx_graph(path, tensors=tensors)
+        else:
+            info = inspect_graph(path, tensors=tensors)
         info = {"rank": g["rank"], "graph": g["kind"], "target": manifest.target, **info}
         out.append(_with_manifest_names(info, g))
     return out

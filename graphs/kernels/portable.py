@@ -17,24 +17,17 @@ contiguous heads preserves exactly that mapping.
 """
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from dsflow.graphs.config import ModelConfig
 from dsflow.graphs.tp_plan import rank_sizes
 from dsflow.graphs.layers import iota_like
+from dsflow.graphs.numerics import attention_scale, inv_freq
 
 # Added to attention scores that must not be attended. Finite, so a row can never
 # become NaN, and far below any real score so exp() underflows to exactly 0.
 MASK_VALUE = -1e30
-
-
-def attention_scale(head_dim: int) -> float:
-    """Softmax scale of every attention kernel (HF: 1 / sqrt(head_dim))."""
-    return 1.0 / math.sqrt(head_dim)
 
 
 class RmsNormKernel(nn.Cell):
@@ -50,18 +43,6 @@ class RmsNormKernel(nn.Cell):
         x32 = ops.cast(x, ms.float32)
         var = ops.mean(ops.square(x32), -1, keep_dims=True)
         return ops.cast(x32 * ops.rsqrt(var + self.eps), self.dtype) * weight
-
-
-def inv_freq(head_dim: int, theta: float, factor: float) -> np.ndarray:
-    """Rotary inverse frequencies bit for bit as transformers computes them (fp32
-    exponent 2i/d; the power of the float theta rounded once to fp32, as torch's
-    scalar ** tensor gives; then 1/x and the linear position-interpolation factor in
-    fp32), so cos/sin equal LlamaRotaryEmbedding's at every position. numpy's fp32
-    power is 1-2 ulp off torch's, which at position 16383 moved cos/sin by 1e-4
-    (tests/test_long_context.py)."""
-    exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
-    power = (np.float64(theta) ** exponent.astype(np.float64)).astype(np.float32)
-    return (np.float32(1.0) / power) / np.float32(factor)
 
 
 class Rotary(nn.Cell):

@@ -1,0 +1,242 @@
+#!/usr/bin/env python3
+"""Decode speed of the ONNX target against dsflow's MindSpore artifacts and
+onnxruntime-genai's model builder, on the same 125M checkpoint (tools/bench_decode.py's
+shape: hidden 768, 12 layers, 12 heads / 4 KV heads, intermediate 2048, vocab 32256).
+
+Every contender runs in a process of its own (one library per process: two thread
+pools in one process steal each other's cores), loads its model, prefills --batch rows of
+a --prompt-len prompt and then waits. The parent asks each in turn for --steps decode
+steps at batch B (A, B, C, A, B, C, ...: every contender sees the same machine), for
+--rounds rounds, and reports the median step time. dsflow contenders are measured at
+the worker backend (runtime/backends/*.py: what a worker runs per step, slot cache
+included); onnxruntime-genai through its Generator (generate_next_token).
+
+Contenders (--contenders, comma-separated):
+  onnx-fp32, onnx-int8, onnx-int4   dsflow --target onnx [--quant], spinning off
+  onnx-fp32-spin                    the same with session.intra_op.allow_spinning=1
+  mindspore                         dsflow --target cpu (MindIR on MindSpore)
+  genai-fp32, genai-int4            onnxruntime-genai's builder output (-e cpu); needs
+                                    `pip install onnxruntime-genai` (a reference only)
+Also `--rss`: resident memory of a serving engine's worker on the fp32 ONNX artifacts
+after 8 concurrent requests, against weight bytes + KV-cache bytes.
+
+    python tools/bench_onnx.py --workdir /tmp/dsflow-bench-serve            # ~10 min
+    python tools/bench_onnx.py --workdir /tmp/dsflow-bench-serve --rss --contenders onnx-fp32
+Needs the test extra (torch, transformers) to make the checkpoint if the workdir has none.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode import make_checkpoint, model_arguments, prompt_ids  # noqa: E402
+
+DEFAULT = "onnx-fp32,onnx-fp32-spin,onnx-int8,onnx-int4,mindspore,genai-fp32,genai-int4"
+
+
+# ---- artifacts (parent) ----------------------------------------------------------------
+def artifacts(work: Path, contender: str, args) -> Path:
+    """The contender's model directory in `work`, built if missing."""
+    ckpt = work / "ckpt"
+    if not (ckpt / "config.json").exists():
+        make_checkpoint(ckpt, args)
+    from dsflow.export.pipeline.build import BuildOptions, build
+    if contender == "mindspore":
+        out = work / "art-serve-tp1"  # the one tools/bench_serve.py builds
+        if not (out / "manifest.json").exists():
+            build(BuildOptions(model_dir=ckpt, out=out, tp=1, max_seq_len=1024))
+        return out
+    if contender.startswith("onnx-"):
+        quant = contender.split("-")[1]
+        out = work / f"art-onnx-{quant}"
+        if not (out / "manifest.json").exists():
+            build(BuildOptions(model_dir=ckpt, out=out, target="onnx", max_seq_len=1024,
+                               quant=None if quant == "fp32" else quant))
+        return out
+    precision = contender.split("-")[1]
+    out = work / f"genai-{precision}"
+    if not (out / "genai_config.json").exists():
+        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(ckpt),
+                        "-o", str(out), "-p", precision, "-e", "cpu",
+                        "-c", str(work / "genai-cache")], check=True,
+                       stdout=subprocess.DEVNULL)
+    return out
+
+
+# ---- runners (child) ------------------------------------------------------------------------
+class BackendRunner:
+    """A dsflow worker backend: slots 0..batch-1 prefilled, decode steps on the first b."""
+
+    def __init__(self, contender: str, path: Path, batch: int, prompt: list[int]):
+        from dsflow.artifacts.manifest import read_manifest
+        manifest = read_manifest(path)
+        if contender == "mindspore":
+            from dsflow.runtime.backends.mindspore import MindSporeBackend, init_mindspore
+            init_mindspore(1)
+            self.backend = MindSporeBackend(manifest, 0)
+        else:
+            from dsflow.runtime.backends.onnxrt import OnnxRuntimeBackend
+            self.backend = OnnxRuntimeBackend(manifest, 0, spin=contender.endswith("-spin"))
+        self.backend.configure(batch, 1024)
+        n = len(prompt)
+        self.prompt_len = n
+        for s in range(batch):
+            self.backend.prefill(np.array([s], np.int32), np.array([prompt], np.int32),
+                                 np.array([0], np.int32), np.array([n], np.int32), n)
+
+    def steps(self, b: int, count: int) -> list[float]:
+        slots = np.arange(b, dtype=np.int32)
+        times = []
+        for i in range(count):
+            pos = np.full(b, self.prompt_len + i, np.int32)
+            t0 = time.perf_counter()
+            self.backend.decode(slots, np.full(b, 5, np.int32), pos,
+                                self.prompt_len + count)
+            times.append(time.perf_counter() - t0)
+        return times
+
+
+class GenaiRunner:
+    """onnxruntime-genai's Generator: a fresh generator per measurement (its batch is
+    fixed at creation), prompt appended untimed, then timed generate_next_token calls."""
+
+    def __init__(self, path: Path, prompt: list[int]):
+        import onnxruntime_genai as og
+        self.og, self.model, self.prompt = og, og.Model(str(path)), prompt
+
+    def steps(self, b: int, count: int) -> list[float]:
+        og = self.og
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(batch_size=b, max_length=len(self.prompt) + count + 2,
+                                  do_sample=False)
+        gen = og.Generator(self.model, params)
+        gen.append_tokens(np.array([self.prompt] * b, np.int32))
+        times = []
+        for _ in range(count):
+            t0 = time.perf_counter()
+            gen.generate_next_token()
+            times.append(time.perf_counter() - t0)
+        return times
+
+
+def child(args) -> None:
+    prompt = prompt_ids(args.prompt_len)
+    path = Path(args.path)
+    if args.child.startswith("genai"):
+        runner = GenaiRunner(path, prompt)
+    else:
+        runner = BackendRunner(args.child, path, max(args.batches_list), prompt)
+    rss = int(next(line.split()[1] for line in open("/proc/self/status")
+                   if line.startswith("VmRSS:"))) * 1024
+    print(json.dumps({"ready": True, "rss": rss}), flush=True)
+    for line in sys.stdin:
+        b = int(line)
+        print(json.dumps({"times": runner.steps(b, args.steps)}), flush=True)
+
+
+# ---- parent -----------------------------------------------------------------------------
+def start(contender: str, path: Path, args) -> subprocess.Popen:
+    cmd = [sys.executable, __file__, "--child", contender, "--path", str(path),
+           "--batches", args.batches, "--steps", str(args.steps),
+           "--prompt-len", str(args.prompt_len)]
+    env = dict(os.environ, DSFLOW_THREADS=str(args.threads))
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env=env)
+    ready = json.loads(proc.stdout.readline())
+    print(f"{contender}: ready, RSS {ready['rss'] / 2**20:.0f} MiB", flush=True)
+    return proc
+
+
+def ask(proc: subprocess.Popen, b: int) -> list[float]:
+    proc.stdin.write(f"{b}\n")
+    proc.stdin.flush()
+    return json.loads(proc.stdout.readline())["times"]
+
+
+def rss_check(work: Path, args) -> None:
+    """Worker RSS of an Engine serving 8 requests on the fp32 ONNX artifacts."""
+    from dsflow.runtime import Engine, SamplingParams
+    art = artifacts(work, "onnx-fp32", args)
+    weights = (art / "rank0" / "model.onnx.data").stat().st_size
+    with Engine(art, max_batch=8, max_seq_len=1024) as engine:
+        params = SamplingParams(max_new_tokens=64, ignore_eos=True)
+        handles = [engine.submit(prompt_ids(64 + 8 * i), params) for i in range(8)]
+        for h in handles:
+            h.result()
+        rss = engine.cluster.request("stats", {})[0]["rss_bytes"]
+        kv = engine.plan.slots * engine.plan.capacity * engine.manifest.kv_bytes_per_token
+    print(f"\nserving worker RSS {rss / 2**20:.0f} MiB; weights {weights / 2**20:.0f} MiB + KV "
+          f"cache {kv / 2**20:.0f} MiB ({engine.plan.slots} x {engine.plan.capacity}) = "
+          f"{(weights + kv) / 2**20:.0f} MiB; ratio {rss / (weights + kv):.2f}; load "
+          f"{os.getloadavg()[0]:.1f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--contenders", default=DEFAULT)
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/dsflow-bench-serve"))
+    p.add_argument("--rss", action="store_true")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--path", help=argparse.SUPPRESS)
+    model_arguments(p)
+    args = p.parse_args()
+    args.batches_list = [int(b) for b in args.batches.split(",")]
+    if args.child:
+        child(args)
+        return
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    names = [c for c in args.contenders.split(",") if c]
+    paths = {c: artifacts(args.workdir, c, args) for c in names}
+    procs = {c: start(c, paths[c], args) for c in names}
+    times: dict = {(c, b): [] for c in names for b in args.batches_list}
+    loads = []
+    try:
+        for c in names:  # warm every shape untimed
+            for b in args.batches_list:
+                ask(procs[c], b)
+        for r in range(args.rounds):
+            loads.append(os.getloadavg()[0])
+            for b in args.batches_list:
+                for c in names:
+                    times[c, b].append(statistics.median(ask(procs[c], b)))
+            print(f"round {r + 1}: " + "  ".join(
+                f"{c}@{b} {times[c, b][-1] * 1e3:.1f}" for b in args.batches_list for c in names),
+                flush=True)
+    finally:
+        for proc in procs.values():
+            proc.stdin.close()
+            proc.wait(60)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    ms = med.get(("mindspore", 1))
+    ga = med.get(("genai-fp32", 1))
+    print(f"\n{args.threads} threads, prompt {args.prompt_len}, median step of {args.steps} "
+          f"steps, median over {args.rounds} interleaved rounds; load average "
+          f"{min(loads):.1f}-{max(loads):.1f} during the rounds\n")
+    cols = " | ".join(f"batch {b} ms/step" for b in args.batches_list)
+    print(f"| contender | {cols} | b1 x MindSpore | b1 x genai fp32 |")
+    print("|---|" + "---|" * (len(args.batches_list) + 2))
+    for c in names:
+        row = " | ".join(f"{med[c, b]:.1f}" for b in args.batches_list)
+        x_ms = f"{med[c, 1] / ms:.2f}" if ms and 1 in args.batches_list else "-"
+        x_ga = f"{med[c, 1] / ga:.2f}" if ga and 1 in args.batches_list else "-"
+        print(f"| {c} | {row} | {x_ms} | {x_ga} |")
+    if args.rss:
+        rss_check(args.workdir, args)
+
+
+if __name__ == "__main__":
+    main()
