@@ -509,13 +509,13 @@ def read_config(ckpt: Path) -> dict:
 
 
 def run(args) -> dict:
+    ckpt = args.ckpt.resolve()
+    config = read_config(ckpt)
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
         raise Failure(f"llama_cpp is not importable from {sys.executable}: run this tool "
                       "with the llama venv's python (see the top of tools/bench_llamacpp.py)")
-    ckpt = args.ckpt.resolve()
-    config = read_config(ckpt)
     args.workdir = (args.workdir or ckpt.parent / "llamacpp").resolve()
     formats = args.formats.split(",")
     batches = batch_list(args.batches)
