@@ -114,3 +114,21 @@ def test_end_to_end_on_a_tiny_checkpoint(tmp_path):
         assert len(b1["ms_per_token_runs"]) == 2 and b1["ms_per_token"] > 0
     assert sorted(p.name for p in (tmp_path / "llamacpp").glob("*.gguf")) == [
         "model-f32.gguf", "model-q4_0.gguf"]
+
+
+def test_staged_checkpoint_takes_the_tokenizer_from_tokenizer_dir(tmp_path):
+    t = _tool()
+    ckpt, tok, work = tmp_path / "ckpt", tmp_path / "tok", tmp_path / "work"
+    ckpt.mkdir(), tok.mkdir()
+    for name, text in (("config.json", "{}"), ("model.safetensors", "w"),
+                       ("tokenizer.json", "re-serialised"), ("tokenizer_config.json", "c")):
+        (ckpt / name).write_text(text)
+    (tok / "tokenizer.json").write_text("original")
+    assert t.staged(ckpt, None, work) == ckpt
+    stage = t.staged(ckpt, tok, work)
+    assert (stage / "tokenizer.json").read_text() == "original"
+    assert (stage / "model.safetensors").resolve() == (ckpt / "model.safetensors").resolve()
+    assert not (stage / "tokenizer_config.json").exists()  # not mixed from two tokenizers
+    assert t.staged(ckpt, tok, work) == stage               # again: replaced, not appended
+    with pytest.raises(t.Failure, match="no tokenizer.json"):
+        t.staged(ckpt, tmp_path, work)

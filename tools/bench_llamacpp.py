@@ -7,7 +7,8 @@ its sdist), transformers 4.57.x (the vendored converter refuses the DeepSeek-Cod
 pre-tokenizer under 5.x), torch and numpy<2, and it never imports dsflow. Setup and
 build log: docs/BENCHMARKS.md, section "llama.cpp reference".
 
-    /work/venv-llama/bin/python tools/bench_llamacpp.py --ckpt /tmp/dsflow-bench-serve/ckpt
+    /work/venv-llama/bin/python tools/bench_llamacpp.py --ckpt /tmp/dsflow-bench-serve/ckpt \
+        --tokenizer ../shared/models/deepseek-coder-tokenizer
     /work/venv-llama/bin/python tools/bench_llamacpp.py --ckpt DIR --json -     # JSON on stdout
 
 Given a LlamaForCausalLM checkpoint directory (DeepSeek-Coder shape; e.g. the 125M one that
@@ -105,6 +106,34 @@ def fresh(path: Path, since: float) -> bool:
     return path.is_file() and path.stat().st_mtime > since
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                   "special_tokens_map.json")
+
+
+def staged(ckpt: Path, tokenizer: Path | None, work: Path) -> Path:
+    """The checkpoint as the converter should read it: itself, or (with --tokenizer) a
+    folder of symbolic links to its files with the tokenizer files taken from `tokenizer`.
+    The converter recognises a pre-tokenizer by hashing its output, so a tokenizer.json
+    re-serialised by another tokenizers release (dsflow's embedded default model's) is
+    refused where the original DeepSeek-Coder files pass."""
+    if tokenizer is None:
+        return ckpt
+    if not (tokenizer / "tokenizer.json").is_file():
+        raise Failure(f"--tokenizer {tokenizer}: no tokenizer.json")
+    stage = work / "hf-stage"
+    if stage.exists():
+        for f in stage.iterdir():
+            f.unlink()
+    stage.mkdir(parents=True, exist_ok=True)
+    for f in ckpt.iterdir():
+        if f.is_file() and f.name not in TOKENIZER_FILES:
+            (stage / f.name).symlink_to(f)
+    for name in TOKENIZER_FILES:
+        if (tokenizer / name).is_file():
+            (stage / name).symlink_to((tokenizer / name).resolve())
+    return stage
+
+
 def convert(ckpt: Path, out: Path, outtype: str, script: Path) -> None:
     """One convert_hf_to_gguf.py run into a temporary name, renamed when it succeeded."""
     tmp = out.with_suffix(".partial")
@@ -113,14 +142,17 @@ def convert(ckpt: Path, out: Path, outtype: str, script: Path) -> None:
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
         last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise Failure(f"convert_hf_to_gguf.py --outtype {outtype} failed on {ckpt}: {last}")
+        hint = (" (pass --tokenizer with the original DeepSeek-Coder tokenizer files; the "
+                "converter needs transformers 4.57.x)" if "pre-tokenizer" in last else "")
+        raise Failure(f"convert_hf_to_gguf.py --outtype {outtype} failed on {ckpt}: "
+                      f"{last}{hint}")
     tmp.replace(out)
 
 
 def quantize(src: Path, out: Path, fmt: str, threads: int) -> None:
     """llama-quantize's default recipe through the library (the CLI is not built by the
     Python package)."""
-    import llama_cpp
+    llama_cpp = quiet_llama()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANTISED[fmt])
     params.nthread = threads
@@ -133,10 +165,11 @@ def quantize(src: Path, out: Path, fmt: str, threads: int) -> None:
     tmp.replace(out)
 
 
-def make_ggufs(ckpt: Path, work: Path, formats: list[str], script: Path,
-               threads: int) -> dict[str, Path]:
+def make_ggufs(ckpt: Path, work: Path, formats: list[str], script: Path, threads: int,
+               tokenizer: Path | None = None) -> dict[str, Path]:
     since = weights_mtime(ckpt)
     work.mkdir(parents=True, exist_ok=True)
+    source = staged(ckpt, tokenizer, work)
     paths = {f: work / f"model-{f}.gguf" for f in FORMATS}
     needed = set(formats) | ({"f32"} if set(formats) & set(QUANTISED) else set())
     for fmt in FORMATS:
@@ -144,7 +177,7 @@ def make_ggufs(ckpt: Path, work: Path, formats: list[str], script: Path,
             continue
         t0 = time.time()
         if fmt in CONVERTED:
-            convert(ckpt, paths[fmt], CONVERTED[fmt], script)
+            convert(source, paths[fmt], CONVERTED[fmt], script)
         else:
             quantize(paths["f32"], paths[fmt], fmt, threads)
         log(f"{fmt}: {paths[fmt]} made in {time.time() - t0:.0f} s")
@@ -201,23 +234,30 @@ def rss_bytes() -> int:
 _QUIET_LOG = None  # the ctypes callback must outlive every llama.cpp call
 
 
+def quiet_llama():
+    """llama_cpp with llama.cpp's own logging (a line per tensor and layer) switched off."""
+    global _QUIET_LOG
+    import llama_cpp
+    if _QUIET_LOG is None:
+        _QUIET_LOG = llama_cpp.llama_log_callback(lambda level, text, data: None)
+        llama_cpp.llama_log_set(_QUIET_LOG, ctypes.c_void_p())
+    return llama_cpp
+
+
 class LlamaRunner:
     """One GGUF through llama.cpp's C API (the high-level Llama class samples and keeps
     Python-side state per token; the C API times what llama.cpp itself does)."""
 
     def __init__(self, path: Path, threads: int, max_batch: int, prompt_len: int,
                  steps: int):
-        global _QUIET_LOG
-        import llama_cpp as L
-        self.L = L
-        _QUIET_LOG = L.llama_log_callback(lambda level, text, data: None)
-        L.llama_log_set(_QUIET_LOG, ctypes.c_void_p())
+        self.L = L = quiet_llama()
         L.llama_backend_init()
         self.model = L.llama_model_load_from_file(str(path).encode(),
                                                   L.llama_model_default_params())
         if not self.model:
             raise Failure(f"llama.cpp could not load {path}")
-        per_seq = -(-(prompt_len + steps + 8) // 256) * 256
+        # room for the timed steps and for a "check" of up to 256 tokens
+        self.per_seq = per_seq = -(-(prompt_len + max(steps, 256) + 8) // 256) * 256
         self.n_batch = max(512, max_batch * prompt_len)
         cp = L.llama_context_default_params()
         cp.n_ctx, cp.n_seq_max = per_seq * max_batch, max_batch
@@ -253,12 +293,15 @@ class LlamaRunner:
         n = len(prompt)
         t0 = time.perf_counter()
         self._decode([(tok, p, s, p == n - 1) for s in range(b) for p, tok in enumerate(prompt)])
-        nxt = [int(np.argmax(self._logits(s))) for s in range(b)]
+        # llama_get_logits_ith takes the row's index in the batch: sequence s ends at s*n+n-1
+        nxt = [int(np.argmax(self._logits(s * n + n - 1))) for s in range(b)]
         prefill_ms = (time.perf_counter() - t0) * 1e3
-        logits = [self._logits(0).copy()] if keep_logits else []
+        logits = [self._logits(n - 1).copy()] if keep_logits else []
         tokens, times = [nxt[0]], []
         for i in range(steps):
             t0 = time.perf_counter()
+            if n + i >= self.per_seq:
+                raise Failure(f"{n + i} positions exceed the context of {self.per_seq}")
             self._decode([(nxt[s], n + i, s, True) for s in range(b)])
             nxt = [int(np.argmax(self._logits(s))) for s in range(b)]
             times.append(time.perf_counter() - t0)
@@ -457,6 +500,9 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", type=Path, help="HF checkpoint directory (LlamaForCausalLM)")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="tokenizer files for the converter, if not the checkpoint's own "
+                        "(e.g. ../shared/models/deepseek-coder-tokenizer)")
     p.add_argument("--workdir", type=Path, default=None,
                    help="where the GGUF files go (default: CKPT/../llamacpp)")
     p.add_argument("--formats", default=",".join(FORMATS))
@@ -520,7 +566,7 @@ def run(args) -> dict:
     formats = args.formats.split(",")
     batches = batch_list(args.batches)
     paths = make_ggufs(ckpt, args.workdir, formats, convert_script(args.convert_script),
-                       args.threads)
+                       args.threads, args.tokenizer and args.tokenizer.resolve())
     report: dict = {"tool": "bench_llamacpp", "ckpt": str(ckpt), "threads": args.threads,
                     "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                     "runs": args.runs, "batches": batches,
