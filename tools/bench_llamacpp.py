@@ -22,7 +22,9 @@ tools/bench_serve.py and tools/bench_onnx.py make in WORKDIR/ckpt), it
 2. checks every GGUF keeps the checkpoint's rope (type, factor, theta: GGUF metadata) and
    compares greedy tokens and logits with transformers (fp32) on the same prompt, plus a
    control: transformers with the rope scaling removed, which a correct GGUF must NOT
-   match. f32 must match (all --check-tokens tokens, logits within --tol) or it exits 1;
+   match. f32 must match (all --check-tokens tokens, logits within --tol of the largest
+   logit: llama.cpp's defaults, f16 KV cache and flash attention, cost ~1e-3 of it;
+   `--kv-type f32 --flash-attn off` matches to ~1e-6) or it exits 1;
 3. measures batch-B decode (default B=1; prompt --prompt-len, --new-tokens greedy tokens:
    the first comes from the prefill, each other from one llama_decode step, timed with
    reading the logits and the argmax), one process per format (one library per process),
@@ -64,6 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import prompt_ids  # noqa: E402
 
 FORMATS = ("f32", "f16", "q8_0", "q4_0")
+FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}      # enum llama_flash_attn_type
 CONVERTED = {"f32": "f32", "f16": "f16"}          # convert_hf_to_gguf.py --outtype
 QUANTISED = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",   # llama_model_quantize from the f32 file
              "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
@@ -249,7 +252,7 @@ class LlamaRunner:
     Python-side state per token; the C API times what llama.cpp itself does)."""
 
     def __init__(self, path: Path, threads: int, max_batch: int, prompt_len: int,
-                 steps: int):
+                 steps: int, kv_type: str = "f16", flash_attn: str = "auto"):
         self.L = L = quiet_llama()
         L.llama_backend_init()
         self.model = L.llama_model_load_from_file(str(path).encode(),
@@ -264,6 +267,8 @@ class LlamaRunner:
         cp.n_batch = cp.n_ubatch = self.n_batch
         cp.n_threads = cp.n_threads_batch = threads
         cp.no_perf = True
+        cp.type_k = cp.type_v = L.GGML_TYPE_F32 if kv_type == "f32" else L.GGML_TYPE_F16
+        cp.flash_attn_type = FLASH_ATTN[flash_attn]
         self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
             raise Failure(f"llama.cpp could not make a context for {path}")
@@ -376,7 +381,7 @@ def child_main(args) -> None:
         runner: Any = HfRunner(Path(args.path), args.threads, args.child == "hf-unscaled")
     else:
         runner = LlamaRunner(Path(args.path), args.threads, max(batch_list(args.batches)),
-                             args.prompt_len, args.steps)
+                             args.prompt_len, args.steps, args.kv_type, args.flash_attn)
     print(json.dumps({"ready": True, "rss": rss_bytes(), **runner.info()}), flush=True)
     for line in sys.stdin:
         words = line.split()
@@ -401,7 +406,8 @@ class Child:
         cmd = [python, str(Path(__file__).resolve()), "--child", name, "--path", str(path),
                "--steps", str(args.new_tokens - 1), "--prompt-len", str(args.prompt_len),
                "--batches", args.batches, "--threads", str(args.threads),
-               "--check-dir", str(args.workdir)]
+               "--check-dir", str(args.workdir), "--kv-type", args.kv_type,
+               "--flash-attn", args.flash_attn]
         self.name = name
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True)
@@ -432,7 +438,9 @@ def compare(ref_tokens: list[int], ref_logits: np.ndarray, tokens: list[int],
         same += 1
     upto = min(same + 1, len(ref_tokens))
     diff = float(np.abs(ref_logits[:upto] - logits[:upto]).max())
-    return {"tokens_match": same, "of": len(ref_tokens), "max_abs_logit_diff": diff}
+    scale = float(np.abs(ref_logits[:upto]).max()) or 1.0
+    return {"tokens_match": same, "of": len(ref_tokens), "max_abs_logit_diff": diff,
+            "relative": diff / scale}
 
 
 def reference(ckpt: Path, args) -> dict[str, tuple[list[int], np.ndarray]]:
@@ -512,7 +520,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batches", default="1", help="sequences decoded together, e.g. 1,8")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--check-tokens", type=int, default=16)
-    p.add_argument("--tol", type=float, default=5e-3, help="f32 max abs logit diff allowed")
+    p.add_argument("--kv-type", choices=("f16", "f32"), default="f16",
+                   help="llama.cpp's KV cache type (its default: f16)")
+    p.add_argument("--flash-attn", choices=tuple(FLASH_ATTN), default="auto",
+                   help="llama.cpp's flash attention (its default, auto, turns it on for CPU)")
+    p.add_argument("--tol", type=float, default=5e-3,
+                   help="f32: max abs logit diff allowed, relative to the largest |logit| "
+                        "(flash attention costs ~1e-3; --kv-type f32 --flash-attn off "
+                        "meets 1e-5)")
     p.add_argument("--no-check", action="store_true", help="skip the transformers comparison")
     p.add_argument("--convert-script", type=Path, default=None)
     p.add_argument("--prepare", action="store_true", help="make the GGUFs only")
@@ -571,6 +586,7 @@ def run(args) -> dict:
                     "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                     "runs": args.runs, "batches": batches,
                     "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                    "kv_type": args.kv_type, "flash_attn": args.flash_attn,
                     "formats": {f: gguf_facts(p) for f, p in paths.items()}}
     for fmt, facts in report["formats"].items():
         problem = rope_problem(facts, config)
@@ -614,9 +630,10 @@ def run(args) -> dict:
 
 def verdict(report: dict, tol: float) -> str | None:
     chk = report["formats"].get("f32", {}).get("check")
-    if chk and (chk["tokens_match"] < chk["of"] or chk["max_abs_logit_diff"] > tol):
+    if chk and (chk["tokens_match"] < chk["of"] or chk["relative"] > tol):
         return (f"llama.cpp f32 does not match transformers: {chk['tokens_match']}/{chk['of']} "
-                f"tokens, max abs logit diff {chk['max_abs_logit_diff']:.3g} (tol {tol})")
+                f"tokens, max abs logit diff {chk['max_abs_logit_diff']:.3g}, "
+                f"{chk['relative']:.2g} of the largest logit (tol {tol})")
     return None
 
 
@@ -633,6 +650,7 @@ def main() -> None:
     text = sys.stderr if args.json == "-" else sys.stdout
     if not args.prepare:
         print(f"\nllama-cpp-python {report.get('llama_cpp_python')}, {args.threads} threads, "
+              f"KV cache {args.kv_type}, flash attention {args.flash_attn}, "
               f"OMP_WAIT_POLICY={report['omp_wait_policy'] or 'unset'}; prompt "
               f"{args.prompt_len}, {args.new_tokens} new tokens; median of {args.runs} "
               f"interleaved runs; load average {report['load_average'][0]:.1f}-"
