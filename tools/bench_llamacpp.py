@@ -484,7 +484,7 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def table(report: dict, batches: list[int]) -> str:
-    cols = " | ".join(f"batch {b} ms/token (min-max)" for b in batches)
+    cols = " | ".join(f"batch {b} ms/step (min-max)" for b in batches)
     lines = [f"| format | file MiB | tensor types | vs transformers: greedy tokens, max abs "
              f"logit diff | {cols} | prefill {report['prompt_len']} ms |",
              "|---|---|---|---|" + "---|" * len(batches) + "---|"]
