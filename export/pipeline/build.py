@@ -265,16 +265,17 @@ def _check_options(opts: BuildOptions) -> str:
 def _check_release(opts: BuildOptions) -> None:
     """The installed MindSpore fits the target: CPU runs on 2.10 only; a resident Ascend
     cache needs a Lite release that takes device tensors (artifacts/lite.py)."""
-    found = release_numbers(_mindspore_version())
+    version = _mindspore_version()
+    found = release_numbers(version)
     if opts.target == "cpu" and found is not None and found[:2] != CPU_RELEASE:
         raise ExportError(
-            f"--target cpu: MindSpore {_mindspore_version()} is installed, but the CPU path "
+            f"--target cpu: MindSpore {version} is installed, but the CPU path "
             f"runs on MindSpore {'.'.join(map(str, CPU_RELEASE))} only (older releases here "
             "serve Ascend exports for the Lite of the same release): use a venv with "
             "`pip install 'mindspore==2.10.*'`")
     if (opts.target == "ascend" and opts.cache_mode == "resident"
-            and not takes_device_tensors(_mindspore_version())):
-        raise ExportError(resident_refusal(_mindspore_version(), "--cache-mode resident"))
+            and not takes_device_tensors(version)):
+        raise ExportError(resident_refusal(version, "--cache-mode resident"))
 
 
 def _engine_versions(opts: BuildOptions) -> dict:
