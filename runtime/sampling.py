@@ -119,10 +119,3 @@ class Sampler:
         pick = sample_rows(row[None], 0, self.vocab_limit, [spec], finish=True)[0]
         return pick.token, pick.logprob
 
-
-def token_logprob(row: np.ndarray, token: int, top: int) -> TokenLogprob:
-    """log_softmax of the raw logits (in float64): the chosen token and the top ones."""
-    x = row.astype(np.float64)
-    logp = x - (x.max() + np.log(np.exp(x - x.max()).sum()))
-    best = np.argsort(-logp, kind="stable")[:top] if top else []
-    return TokenLogprob(token, float(logp[token]), [(int(i), float(logp[i])) for i in best])
