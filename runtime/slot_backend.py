@@ -24,7 +24,8 @@ import numpy as np
 from dsflow.artifacts.manifest import Manifest
 from dsflow.graphs.signatures import RESIDENT
 from dsflow.runtime.backends.base import RankBackend
-from dsflow.runtime.slot_cache import SlotCache, batch_gears, check_writes, gear
+from dsflow.runtime.slot_cache import (SlotCache, batch_gears, check_distinct, check_writes,
+                                       gear)
 
 PAD_POSITION = -1  # a resident decode row that writes nothing (graphs/model.py)
 
@@ -106,9 +107,8 @@ class SlotBackend(RankBackend):
         if self.slots == 0:
             raise RuntimeError("no slot cache: configure before prefill/decode")
         check_writes(slot_ids, end, self.slots, self.capacity)
+        check_distinct(slot_ids)
         ids = slot_ids.tolist()
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"slot ids {ids}: must be distinct")
         spare = [s for s in range(self.slots) if s not in set(ids)]
         return np.array(ids + spare[:max(0, rows - len(ids))], np.int32)
 

@@ -65,6 +65,15 @@ def check_writes(slot_ids: np.ndarray, end: np.ndarray, slots: int, capacity: in
                          f"capacity {capacity}")
 
 
+def check_distinct(slot_ids: np.ndarray) -> None:
+    """A step's rows name distinct slots: the graphs that write the cache in place (the
+    resident graphs' scatter, ONNX's in-place GroupQueryAttention) would have two rows
+    write one slot."""
+    ids = slot_ids.tolist()
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"slot ids {ids}: must be distinct")
+
+
 class SlotCache:
     """K and V of `slots` sequences x `capacity` positions:
     [layers, slots, kv_heads_per_rank, capacity, head_dim] each."""

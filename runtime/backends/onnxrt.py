@@ -29,7 +29,7 @@ from dsflow.artifacts.manifest import Manifest
 from dsflow.common.errors import DsflowError
 from dsflow.graphs.signatures import INPLACE, layer_tensor_names
 from dsflow.runtime.backends.base import RankBackend
-from dsflow.runtime.slot_cache import check_writes
+from dsflow.runtime.slot_cache import check_distinct, check_writes
 from dsflow.runtime.worker_protocol import THREADS_ENV
 
 # "1": let ORT's intra-op threads spin after each op (lower latency when the worker
@@ -135,9 +135,8 @@ class OnnxRuntimeBackend(RankBackend):
     def _consecutive_rows(self, slot_ids: np.ndarray) -> tuple[int, np.ndarray]:
         """(first physical row, each slot's index within the run) for a step's slots,
         swapping rows first if they are not consecutive."""
+        check_distinct(slot_ids)
         ids = slot_ids.tolist()
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"slot ids {ids}: must be distinct")
         rows = [self.row_of[s] for s in ids]
         first = min(rows)
         if max(rows) - first + 1 != len(rows):
