@@ -246,6 +246,46 @@ def test_rows_are_moved_only_when_a_step_needs_them_consecutive(shape_model):
         atol=1e-6)
 
 
+def test_a_mixed_prefill_takes_as_few_graph_calls_as_gqa_allows(shape_model):
+    """First chunks of two slots, one-token chunks after a past (a reused prefix) of two
+    more, and a longer chunk after a past: 3 graph calls, not 5, and each row's logits
+    what it gives prefilled alone (padding of the shorter first chunk included)."""
+    from dsflow.artifacts.manifest import read_manifest
+    from dsflow.runtime.backends.onnxrt import OnnxRuntimeBackend
+    manifest = read_manifest(shape_model("gqa2-hd64")[1])
+    a, b = OnnxRuntimeBackend(manifest, threads=1), OnnxRuntimeBackend(manifest, threads=1)
+    past = {2: PROMPTS[0][:9], 3: PROMPTS[1], 4: PROMPTS[2]}
+    for backend in (a, b):
+        backend.configure(5, 64)
+        for slot, p in past.items():
+            backend.prefill(np.array([slot], np.int32), np.array([p], np.int32),
+                            np.array([0], np.int32), np.array([len(p)], np.int32), 0)
+    rows = [(0, PROMPTS[0][:6], 0), (1, PROMPTS[2][:3], 0), (2, [77], 9),
+            (3, [78], len(PROMPTS[1])), (4, [79, 80, 81, 82], len(PROMPTS[2]))]
+    ids = np.zeros((len(rows), 6), np.int32)
+    for i, (_, t, _) in enumerate(rows):
+        ids[i, :len(t)] = t
+    calls = []
+    run = a.session.run_with_iobinding
+
+    class Counting:  # the session's methods are read-only: wrap it
+        def __getattr__(self, name):
+            return getattr(a.session_inner, name)
+
+        def run_with_iobinding(self, binding):
+            calls.append(1)
+            return run(binding)
+    a.session_inner, a.session = a.session, Counting()
+    got = a.prefill(np.array([r[0] for r in rows], np.int32), ids,
+                    np.array([r[2] for r in rows], np.int32),
+                    np.array([len(r[1]) for r in rows], np.int32), 0)
+    assert len(calls) == 3
+    want = [b.prefill(np.array([slot], np.int32), np.array([t], np.int32),
+                      np.array([at], np.int32), np.array([len(t)], np.int32), 0)[0]
+            for slot, t, at in rows]
+    np.testing.assert_allclose(got, np.stack(want), atol=1e-5)
+
+
 def test_n_samples_on_the_onnx_backend(shape_model, onnx_engine):
     """copy_slot through the engine: n greedy samples are identical to one."""
     model = shape_model("gqa1-hd64")[0]
@@ -371,3 +411,16 @@ def test_missing_or_old_onnxruntime_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", old)
     with pytest.raises(DsflowError, match="1.16.3 is too old.*pip install"):
         onnxrt.import_onnxruntime()
+
+
+def test_thread_spinning_settings():
+    from dsflow.runtime.backends.onnxrt import spin_entries
+    allow = "session.intra_op.allow_spinning"
+    assert spin_entries("off", (1, 32)) == {allow: "0"}
+    assert spin_entries("on", (1, 32)) == {allow: "1"}
+    assert spin_entries("200", (1, 32)) == {allow: "1",
+                                            "session.intra_op.spin_duration_us": "200"}
+    # before 1.26 the bound is not read: ORT would spin unbounded, so it is off
+    assert spin_entries("200", (1, 25)) == {allow: "0"}
+    with pytest.raises(DsflowError, match="DSFLOW_ORT_SPIN='fast'.*off, on"):
+        spin_entries("fast", (1, 32))

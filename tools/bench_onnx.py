@@ -12,11 +12,18 @@ the worker backend (runtime/backends/*.py: what a worker runs per step, slot cac
 included); onnxruntime-genai through its Generator (generate_next_token).
 
 Contenders (--contenders, comma-separated):
-  onnx-fp32, onnx-int8, onnx-int4   dsflow --target onnx [--quant], spinning off
-  onnx-fp32-spin                    the same with session.intra_op.allow_spinning=1
+  onnx-fp32, onnx-int8, onnx-int4   dsflow --target onnx [--quant], the backend's default
+                                    thread spinning (bounded, DSFLOW_ORT_SPIN)
+  onnx-fp32-nospin, onnx-fp32-spin  the same with spinning off / unbounded ("on")
+  onnx-int4-b32 (any quant, -bN)    a quantisation block size other than the default
   mindspore                         dsflow --target cpu (MindIR on MindSpore)
   genai-fp32, genai-int4            onnxruntime-genai's builder output (-e cpu); needs
                                     `pip install onnxruntime-genai` (a reference only)
+  llama-f32, llama-f16, llama-q8_0, llama-q4_0
+                                    llama.cpp on GGUFs of the same checkpoint, run by
+                                    tools/bench_llamacpp.py's --child under --llama-py (its
+                                    own venv; see that file); each request there is a fresh
+                                    prefill then --steps timed steps (each with the argmax)
 Also `--rss`: resident memory of a serving engine's worker on the fp32 ONNX artifacts
 after 8 concurrent requests, against weight bytes + KV-cache bytes.
 
@@ -40,10 +47,31 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import make_checkpoint, model_arguments, prompt_ids  # noqa: E402
 
-DEFAULT = "onnx-fp32,onnx-fp32-spin,onnx-int8,onnx-int4,mindspore,genai-fp32,genai-int4"
+DEFAULT = "onnx-fp32,onnx-fp32-nospin,onnx-int8,onnx-int4,mindspore,genai-fp32,genai-int4"
+SPIN = {"nospin": "off", "spin": "on"}  # contender suffix -> DSFLOW_ORT_SPIN setting
+LLAMA_TOOL = Path(__file__).resolve().parent / "bench_llamacpp.py"
+# the original DeepSeek-Coder tokenizer files (the GGUF converter hashes the pre-tokenizer)
+SHARED_TOKENIZER = Path(__file__).resolve().parents[2] / "shared/models/deepseek-coder-tokenizer"
 
 
 # ---- artifacts (parent) ----------------------------------------------------------------
+def llama_files(work: Path, formats: list[str], args) -> dict[str, Path]:
+    """GGUFs of the checkpoint, made (or found fresh) by bench_llamacpp.py --prepare."""
+    if not args.llama_py:
+        sys.exit("bench_onnx: llama-* contenders need --llama-py (or DSFLOW_LLAMA_PY): the "
+                 "python of a venv with llama-cpp-python, see tools/bench_llamacpp.py")
+    cmd = [args.llama_py, str(LLAMA_TOOL), "--ckpt", str(work / "ckpt"), "--workdir",
+           str(work / "llamacpp"), "--formats", ",".join(formats), "--threads",
+           str(args.threads), "--prepare", "--json", "-"]
+    if args.llama_tokenizer:
+        cmd += ["--tokenizer", str(args.llama_tokenizer)]
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    if out.returncode != 0:
+        sys.exit(f"bench_onnx: {' '.join(cmd)} failed (exit {out.returncode})")
+    report = json.loads(out.stdout)
+    return {f: Path(report["formats"][f]["file"]) for f in formats}
+
+
 def artifacts(work: Path, contender: str, args) -> Path:
     """The contender's model directory in `work`, built if missing."""
     ckpt = work / "ckpt"
@@ -56,11 +84,18 @@ def artifacts(work: Path, contender: str, args) -> Path:
             build(BuildOptions(model_dir=ckpt, out=out, tp=1, max_seq_len=1024))
         return out
     if contender.startswith("onnx-"):
-        quant = contender.split("-")[1]
-        out = work / f"art-onnx-{quant}"
+        quant, *rest = contender.split("-")[1:]
+        block = next((int(r[1:]) for r in rest if r[:1] == "b" and r[1:].isdigit()), None)
+        if quant == "fp32":
+            out = work / "art-onnx-fp32"
+        else:
+            from dsflow.graphs.onnx_model import DEFAULT_BLOCK_SIZE
+            block = block or DEFAULT_BLOCK_SIZE
+            out = work / f"art-onnx-{quant}-b{block}"
         if not (out / "manifest.json").exists():
             build(BuildOptions(model_dir=ckpt, out=out, target="onnx", max_seq_len=1024,
-                               quant=None if quant == "fp32" else quant))
+                               quant=None if quant == "fp32" else quant,
+                               quant_block_size=None if quant == "fp32" else block))
         return out
     precision = contender.split("-")[1]
     out = work / f"genai-{precision}"
@@ -85,7 +120,8 @@ class BackendRunner:
             self.backend = MindSporeBackend(manifest, 0)
         else:
             from dsflow.runtime.backends.onnxrt import OnnxRuntimeBackend
-            self.backend = OnnxRuntimeBackend(manifest, 0, spin=contender.endswith("-spin"))
+            suffix = contender.rsplit("-", 1)[-1]
+            self.backend = OnnxRuntimeBackend(manifest, 0, spin=SPIN.get(suffix))
         self.backend.configure(batch, 1024)
         n = len(prompt)
         self.prompt_len = n
@@ -145,9 +181,13 @@ def child(args) -> None:
 
 # ---- parent -----------------------------------------------------------------------------
 def start(contender: str, path: Path, args) -> subprocess.Popen:
-    cmd = [sys.executable, __file__, "--child", contender, "--path", str(path),
-           "--batches", args.batches, "--steps", str(args.steps),
-           "--prompt-len", str(args.prompt_len)]
+    if contender.startswith("llama-"):  # bench_llamacpp.py speaks the same protocol
+        cmd = [args.llama_py, str(LLAMA_TOOL), "--child", contender[len("llama-"):],
+               "--threads", str(args.threads)]
+    else:
+        cmd = [sys.executable, __file__, "--child", contender]
+    cmd += ["--path", str(path), "--batches", args.batches, "--steps", str(args.steps),
+            "--prompt-len", str(args.prompt_len)]
     env = dict(os.environ, DSFLOW_THREADS=str(args.threads))
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                             env=env)
@@ -190,6 +230,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--workdir", type=Path, default=Path("/tmp/dsflow-bench-serve"))
     p.add_argument("--rss", action="store_true")
+    p.add_argument("--llama-py", default=os.environ.get("DSFLOW_LLAMA_PY"),
+                   help="python of the llama-cpp-python venv (llama-* contenders)")
+    p.add_argument("--llama-tokenizer", type=Path,
+                   default=SHARED_TOKENIZER if SHARED_TOKENIZER.is_dir() else None,
+                   help="original DeepSeek-Coder tokenizer files for the GGUF converter")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
     model_arguments(p)
@@ -200,7 +245,13 @@ def main() -> None:
         return
     args.workdir.mkdir(parents=True, exist_ok=True)
     names = [c for c in args.contenders.split(",") if c]
-    paths = {c: artifacts(args.workdir, c, args) for c in names}
+    formats = [c[len("llama-"):] for c in names if c.startswith("llama-")]
+    if formats and not (args.workdir / "ckpt" / "config.json").exists():
+        make_checkpoint(args.workdir / "ckpt", args)
+    paths = {c: artifacts(args.workdir, c, args) for c in names if not c.startswith("llama-")}
+    if formats:
+        paths.update({f"llama-{f}": path
+                      for f, path in llama_files(args.workdir, formats, args).items()})
     procs = {c: start(c, paths[c], args) for c in names}
     times: dict = {(c, b): [] for c in names for b in args.batches_list}
     loads = []

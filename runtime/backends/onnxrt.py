@@ -32,10 +32,16 @@ from dsflow.runtime.backends.base import RankBackend
 from dsflow.runtime.slot_cache import check_distinct, check_writes
 from dsflow.runtime.worker_protocol import THREADS_ENV
 
-# "1": let ORT's intra-op threads spin after each op (lower latency when the worker
-# owns its cores; steals them from other processes otherwise). Default off: measured
-# in docs/BENCHMARKS.md (tools/bench_onnx.py --spin).
+# How ORT's idle intra-op threads wait for the next op: "off" (sleep at once: a futex
+# wake per parallel op), "on" (ORT's own spinning, unbounded: it steals the cores of
+# other processes on a busy host) or a number of microseconds to spin before sleeping
+# (session.intra_op.spin_duration_us, ONNX Runtime 1.26+). The default bounds it at
+# 200 us: it covers the gaps between the ops of a step but not the gap between steps.
+# Measured in docs/BENCHMARKS.md ("Thread spinning"): 5-20% faster steps than "off" on
+# a quiet host, no slower than "off" beside two busy processes, where "on" lost 15-20%.
 SPIN_ENV = "DSFLOW_ORT_SPIN"
+DEFAULT_SPIN = "200"
+BOUNDED_SPIN_ORT = (1, 26)  # first release that reads spin_duration_us (its wheels' strings)
 # GroupQueryAttention with past/present sharing one buffer and chunks after a past
 # (measured here with 1.32); older releases are refused rather than run wrongly.
 MIN_ORT = (1, 22)
@@ -49,21 +55,44 @@ def import_onnxruntime():
     except ImportError:
         raise DsflowError(f"these artifacts need ONNX Runtime, which is not installed: "
                           f"{INSTALL}") from None
-    version = tuple(int(p) for p in ort.__version__.split(".")[:2] if p.isdigit())
-    if version < MIN_ORT:
+    if ort_version(ort) < MIN_ORT:
         raise DsflowError(f"onnxruntime {ort.__version__} is too old for these artifacts "
                           f"(GroupQueryAttention with an in-place cache): {INSTALL}")
     return ort
 
 
-def session_options(ort, threads: Optional[int] = None, spin: Optional[bool] = None):
+def ort_version(ort) -> tuple[int, ...]:
+    return tuple(int(p) for p in ort.__version__.split(".")[:2] if p.isdigit())
+
+
+def spin_entries(setting: str, version: tuple[int, ...]) -> dict[str, str]:
+    """Session config entries for a DSFLOW_ORT_SPIN setting ("off", "on" or
+    microseconds). A bound needs ORT 1.26+; older releases ignore the key and would
+    spin unbounded, so there the bound falls back to "off"."""
+    value = setting.strip().lower()
+    if value in ("off", "0"):
+        return {"session.intra_op.allow_spinning": "0"}
+    if value in ("on", "1"):
+        return {"session.intra_op.allow_spinning": "1"}
+    if not value.isdigit():
+        raise DsflowError(f"{SPIN_ENV}={setting!r}: expected off, on or a number of "
+                          "microseconds (e.g. 200)")
+    if version < BOUNDED_SPIN_ORT:
+        return {"session.intra_op.allow_spinning": "0"}
+    return {"session.intra_op.allow_spinning": "1",
+            "session.intra_op.spin_duration_us": value}
+
+
+def session_options(ort, threads: Optional[int] = None, spin: Optional[str] = None):
+    """spin: a DSFLOW_ORT_SPIN setting; None reads the variable (default bounded)."""
     so = ort.SessionOptions()
     env_threads = os.environ.get(THREADS_ENV)
     so.intra_op_num_threads = threads or int(env_threads or 0)
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    spin = os.environ.get(SPIN_ENV) == "1" if spin is None else spin
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    setting = os.environ.get(SPIN_ENV, DEFAULT_SPIN) if spin is None else spin
+    for key, value in spin_entries(setting, ort_version(ort)).items():
+        so.add_session_config_entry(key, value)
     so.log_severity_level = 3
     return so
 
@@ -84,7 +113,7 @@ class OnnxRuntimeBackend(RankBackend):
     cache_dtype = np.float32
 
     def __init__(self, manifest: Manifest, rank: int = 0, threads: Optional[int] = None,
-                 spin: Optional[bool] = None):
+                 spin: Optional[str] = None):
         if manifest.cache_mode != INPLACE:
             raise DsflowError(f"{manifest.root}: not an ONNX build (cache mode "
                               f"{manifest.cache_mode})")
@@ -203,21 +232,33 @@ class OnnxRuntimeBackend(RankBackend):
                 valid_length: np.ndarray, kv_len: int) -> np.ndarray:
         start = np.asarray(start, np.int32)
         valid_length = np.asarray(valid_length, np.int32)
-        # padding columns past every row's last real token are not fed
-        input_ids = input_ids[:, :max(1, int(valid_length.max()))]
-        rows, seq = input_ids.shape
-        # GroupQueryAttention's CPU kernel takes a chunk after a past (seq > 1, start > 0)
-        # for one row at a time ("batch_size must be 1 when sequence_length > 1 and past
-        # context is given", onnxruntime 1.32); first chunks (every start 0) batch
-        after_past = seq > 1 and rows > 1 and int(start.max()) > 0
-        # and a row near the end of its slot cannot take the others' padding
-        overflow = int((start + seq).max()) > self.capacity
-        if not (after_past or overflow):
-            return self._run(slot_ids, input_ids, start, valid_length)
-        return np.concatenate([self._run(slot_ids[i:i + 1],
-                                         input_ids[i:i + 1, :valid_length[i]],
-                                         start[i:i + 1], valid_length[i:i + 1])
-                               for i in range(len(slot_ids))])
+        out = np.empty((len(slot_ids), 0), np.float32)
+        for rows in self._graph_calls(start, valid_length):
+            seq = max(1, int(valid_length[rows].max()))  # padding past every row's end: not fed
+            logits = self._run(slot_ids[rows], input_ids[rows, :seq], start[rows],
+                               valid_length[rows])
+            if out.shape[1] == 0:
+                out = np.empty((len(slot_ids), logits.shape[1]), np.float32)
+            out[rows] = logits
+        return out
+
+    @staticmethod
+    def _graph_calls(start: np.ndarray, valid_length: np.ndarray) -> list[np.ndarray]:
+        """A prefill's rows grouped into as few graph calls as GroupQueryAttention's CPU
+        kernel takes (onnxruntime 1.32): first chunks (every start 0) together, one-token
+        chunks (after a reused prefix, or a prompt's last token) together as a decode
+        step, and each other chunk after a past alone ("batch_size must be 1 when
+        sequence_length > 1 and past context is given"). Every graph call reads all the
+        weights (~14 ms for the 125M model in fp32), so the count matters more than the
+        tokens. Padding is written only by first chunks, up to the longest of them: inside
+        every slot (tests/test_onnx.py)."""
+        rows = np.arange(len(start))
+        if len(rows) == 1:
+            return [rows]
+        first = rows[start == 0]
+        single = rows[(valid_length == 1) & (start > 0)]
+        alone = rows[(start > 0) & (valid_length > 1)]
+        return [g for g in (first, single) if len(g)] + [alone[i:i + 1] for i in range(len(alone))]
 
     def decode(self, slot_ids: np.ndarray, input_ids: np.ndarray, positions: np.ndarray,
                kv_len: int) -> np.ndarray:
