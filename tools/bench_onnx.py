@@ -19,6 +19,8 @@ Contenders (--contenders, comma-separated):
   mindspore                         dsflow --target cpu (MindIR on MindSpore)
   genai-fp32, genai-int4            onnxruntime-genai's builder output (-e cpu); needs
                                     `pip install onnxruntime-genai` (a reference only)
+  matvec-fp32                       the memory floor: numpy matrix-vector products over
+                                    the weights an fp32 step reads, nothing else
   llama-f32, llama-f16, llama-q8_0, llama-q4_0
                                     llama.cpp on GGUFs of the same checkpoint, run by
                                     tools/bench_llamacpp.py's --child under --llama-py (its
@@ -78,6 +80,8 @@ def artifacts(work: Path, contender: str, args) -> Path:
     if not (ckpt / "config.json").exists():
         make_checkpoint(ckpt, args)
     from dsflow.export.pipeline.build import BuildOptions, build
+    if contender == "matvec-fp32":
+        return ckpt
     if contender == "mindspore":
         out = work / "art-serve-tp1"  # the one tools/bench_serve.py builds
         if not (out / "manifest.json").exists():
@@ -141,6 +145,33 @@ class BackendRunner:
         return times
 
 
+class MatvecRunner:
+    """The memory floor of an fp32 decode step: numpy (OpenBLAS) multiplies the step's
+    rows by every matrix a step reads (the checkpoint's linear layers and the lm_head,
+    fp32, in layer order) and nothing else. A batch-1 step is a matrix-vector product
+    per weight, bound by how fast the weights stream from memory: a runner within a few
+    percent of this line cannot get faster without reading fewer bytes."""
+
+    def __init__(self, ckpt: Path):
+        from safetensors.numpy import load_file
+        weights = {}
+        for f in sorted(ckpt.glob("*.safetensors")):
+            weights.update(load_file(f))
+        self.mats = [np.ascontiguousarray(w.T, np.float32) for name, w in weights.items()
+                     if w.ndim == 2 and "embed_tokens" not in name]
+        self.bytes = sum(m.nbytes for m in self.mats)
+
+    def steps(self, b: int, count: int) -> list[float]:
+        x = np.ones((b, max(m.shape[0] for m in self.mats)), np.float32)
+        times = []
+        for _ in range(count):
+            t0 = time.perf_counter()
+            for m in self.mats:
+                x[:, :m.shape[0]] @ m
+            times.append(time.perf_counter() - t0)
+        return times
+
+
 class GenaiRunner:
     """onnxruntime-genai's Generator: a fresh generator per measurement (its batch is
     fixed at creation), prompt appended untimed, then timed generate_next_token calls."""
@@ -169,6 +200,8 @@ def child(args) -> None:
     path = Path(args.path)
     if args.child.startswith("genai"):
         runner = GenaiRunner(path, prompt)
+    elif args.child == "matvec-fp32":
+        runner = MatvecRunner(path)
     else:
         runner = BackendRunner(args.child, path, max(args.batches_list), prompt)
     rss = int(next(line.split()[1] for line in open("/proc/self/status")
@@ -188,7 +221,8 @@ def start(contender: str, path: Path, args) -> subprocess.Popen:
         cmd = [sys.executable, __file__, "--child", contender]
     cmd += ["--path", str(path), "--batches", args.batches, "--steps", str(args.steps),
             "--prompt-len", str(args.prompt_len)]
-    env = dict(os.environ, DSFLOW_THREADS=str(args.threads))
+    env = dict(os.environ, DSFLOW_THREADS=str(args.threads),
+               OPENBLAS_NUM_THREADS=str(args.threads))
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                             env=env)
     ready = json.loads(proc.stdout.readline())
