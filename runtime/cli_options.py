@@ -35,7 +35,9 @@ ENGINE_OPTIONS = (
                  help="Prompt tokens prefilled per step when nothing decodes (default "
                       "256); long prompts take several steps."),
     click.option("--max-step-tokens", type=int, default=None,
-                 help="Tokens per step while sequences decode (default 64): each decoding "
+                 help="Tokens per step while sequences decode (default 64; 128 for ONNX "
+                      "artifacts, whose steps cost their graph calls more than their "
+                      "tokens): each decoding "
                       "sequence counts 1 and prompts are prefilled in what is left (at least "
                       "16), so a new request never stalls the running streams for a whole "
                       "chunk. Larger: prompts are prefilled in fewer steps, but each such "

@@ -7,7 +7,7 @@ from typing import Optional
 
 from dsflow.artifacts.manifest import Manifest
 from dsflow.common.errors import DsflowError
-from dsflow.graphs.signatures import RESIDENT
+from dsflow.graphs.signatures import INPLACE, RESIDENT
 from dsflow.runtime.sampling import SamplingParams
 from dsflow.runtime.slot_cache import KV_ALIGN, SEQ_ALIGN, CacheLimitError, gear
 
@@ -18,6 +18,12 @@ DEFAULT_CACHE_MB = 4096
 DEFAULT_PREFILL_CHUNK = 256
 # Tokens per step (decodes + prefill) while sequences decode; see prefill_budget.
 DEFAULT_STEP_TOKENS = 64
+# On ONNX Runtime (the in-place cache) a step costs its graph calls more than its tokens:
+# every call streams all the weights (~14 ms of a 20 ms batch-8 step, 125M fp32), and a
+# chunk after a past is a call of its own (GroupQueryAttention's CPU limit). Fewer, larger
+# chunks: 8 streaming clients kept >= 5x one client's tokens/s and ITL p99 <= 2.5x in 5
+# of 5 runs at 128, in 3 of 6 at 64 (docs/BENCHMARKS.md, "Serving on the ONNX backend").
+STEP_TOKENS_BY_CACHE_MODE = {INPLACE: 128}
 
 
 @dataclass(frozen=True)
@@ -114,7 +120,7 @@ def plan_slots(manifest: Manifest, max_batch: Optional[int] = None,
     if gears:
         slots = min(slots, max(gears))
     return SlotPlan(slots, capacity, _chunk(prefill_chunk, buckets), manifest.kv_bytes_per_token,
-                    buckets, _step(max_step_tokens), copies)
+                    buckets, _step(max_step_tokens, manifest.cache_mode), copies)
 
 
 def _chunk(prefill_chunk: Optional[int], buckets: Optional[tuple[int, ...]]) -> int:
@@ -150,8 +156,9 @@ def _pinned_plan(manifest: Manifest, max_batch: Optional[int], max_seq_len: Opti
     return plan
 
 
-def _step(max_step_tokens: Optional[int]) -> int:
-    step = DEFAULT_STEP_TOKENS if max_step_tokens is None else max_step_tokens
+def _step(max_step_tokens: Optional[int], cache_mode: Optional[str] = None) -> int:
+    default = STEP_TOKENS_BY_CACHE_MODE.get(cache_mode, DEFAULT_STEP_TOKENS)
+    step = default if max_step_tokens is None else max_step_tokens
     if step < 1:
         raise DsflowError(f"--max-step-tokens {step}: must be >= 1")
     return step

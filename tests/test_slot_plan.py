@@ -69,6 +69,9 @@ def test_step_budget_leaves_decodes_their_share():
     bucketed = plan_slots(manifest(buckets=[128, 4096]), max_step_tokens=16)
     assert bucketed.prefill_budget(8) == 128  # the prefill graphs' one seq gear
     assert "64 tokens per step while decoding" in plan_slots(manifest()).describe()
+    onnx = manifest(cache_mode="inplace")  # ONNX Runtime: a step costs its graph calls
+    assert plan_slots(onnx).step_tokens == 128
+    assert plan_slots(onnx, max_step_tokens=64).step_tokens == 64
     with pytest.raises(DsflowError, match="--max-step-tokens 0: must be >= 1"):
         plan_slots(manifest(), max_step_tokens=0)
 

@@ -264,6 +264,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--workdir", type=Path, default=Path("/tmp/dsflow-bench-serve"))
     p.add_argument("--rss", action="store_true")
+    p.add_argument("--busy", type=int, default=0, metavar="N",
+                   help="run N busy-looping processes during the rounds (a shared host)")
     p.add_argument("--llama-py", default=os.environ.get("DSFLOW_LLAMA_PY"),
                    help="python of the llama-cpp-python venv (llama-* contenders)")
     p.add_argument("--llama-tokenizer", type=Path,
@@ -289,6 +291,9 @@ def main() -> None:
     procs = {c: start(c, paths[c], args) for c in names}
     times: dict = {(c, b): [] for c in names for b in args.batches_list}
     loads = []
+    # --busy N: N spinning processes beside the contenders, a host shared with others
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(args.busy)]
     try:
         for c in names:  # warm every shape untimed
             for b in args.batches_list:
@@ -302,13 +307,15 @@ def main() -> None:
                 f"{c}@{b} {times[c, b][-1] * 1e3:.1f}" for b in args.batches_list for c in names),
                 flush=True)
     finally:
+        for proc in busy:
+            proc.kill()
         for proc in procs.values():
             proc.stdin.close()
             proc.wait(60)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     ms = med.get(("mindspore", 1))
     ga = med.get(("genai-fp32", 1))
-    print(f"\n{args.threads} threads, prompt {args.prompt_len}, median step of {args.steps} "
+    print(f"\n{args.threads} threads, {args.busy} busy processes, prompt {args.prompt_len}, median step of {args.steps} "
           f"steps, median over {args.rounds} interleaved rounds; load average "
           f"{min(loads):.1f}-{max(loads):.1f} during the rounds\n")
     cols = " | ".join(f"batch {b} ms/step" for b in args.batches_list)

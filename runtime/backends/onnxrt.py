@@ -37,8 +37,10 @@ from dsflow.runtime.worker_protocol import THREADS_ENV
 # other processes on a busy host) or a number of microseconds to spin before sleeping
 # (session.intra_op.spin_duration_us, ONNX Runtime 1.26+). The default bounds it at
 # 200 us: it covers the gaps between the ops of a step but not the gap between steps.
-# Measured in docs/BENCHMARKS.md ("Thread spinning"): 5-20% faster steps than "off" on
-# a quiet host, no slower than "off" beside two busy processes, where "on" lost 15-20%.
+# Measured in docs/BENCHMARKS.md ("Thread spinning"): on a host whose cores the server
+# owns, steps 3-15% faster than "off" and serving +5-10% tokens/s; beside processes
+# that compete for the cores, steps as slow as with "on" (11-55% slower than "off"):
+# set "off" there.
 SPIN_ENV = "DSFLOW_ORT_SPIN"
 DEFAULT_SPIN = "200"
 BOUNDED_SPIN_ORT = (1, 26)  # first release that reads spin_duration_us (its wheels' strings)
