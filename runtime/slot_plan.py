@@ -21,8 +21,9 @@ DEFAULT_STEP_TOKENS = 64
 # On ONNX Runtime (the in-place cache) a step costs its graph calls more than its tokens:
 # every call streams all the weights (~14 ms of a 20 ms batch-8 step, 125M fp32), and a
 # chunk after a past is a call of its own (GroupQueryAttention's CPU limit). Fewer, larger
-# chunks: 8 streaming clients kept >= 5x one client's tokens/s and ITL p99 <= 2.5x in 5
-# of 5 runs at 128, in 3 of 6 at 64 (docs/BENCHMARKS.md, "Serving on the ONNX backend").
+# chunks: 8 streaming clients kept ITL p99 <= 2.5x one client's in 7 of 7 runs at 128 (4
+# of 6 at 64) and >= 5x its tokens/s as well in 5 of 7 (3 of 6 at 64; docs/BENCHMARKS.md,
+# "Serving on the ONNX backend").
 STEP_TOKENS_BY_CACHE_MODE = {INPLACE: 128}
 
 
