@@ -259,7 +259,7 @@ class OnnxRuntimeBackend(RankBackend):
             return [rows]
         first = rows[start == 0]
         single = rows[(valid_length == 1) & (start > 0)]
-        alone = rows[(start > 0) & (valid_length > 1)]
+        alone = rows[(start > 0) & (valid_length != 1)]  # every row is in one group
         return [g for g in (first, single) if len(g)] + [alone[i:i + 1] for i in range(len(alone))]
 
     def decode(self, slot_ids: np.ndarray, input_ids: np.ndarray, positions: np.ndarray,
