@@ -77,18 +77,19 @@ def reference_logits(model, ids: list[int], forced: list[int]) -> np.ndarray:
 
 
 # ---- pieces -----------------------------------------------------------------------------
-@pytest.mark.parametrize("bits", [4, 8])
-def test_quantised_layout_is_what_matmulnbits_computes(bits):
+@pytest.mark.parametrize("bits,block", [(4, 32), (8, 32), (4, 128), (8, 128)])
+def test_quantised_layout_is_what_matmulnbits_computes(bits, block):
     """graphs/onnx_quant.py's blocks, run by ONNX Runtime's own kernel (accuracy level 0:
-    fp32 activations), equal x @ dequantize(W).T; and the round trip error is bounded."""
+    fp32 activations), equal x @ dequantize(W).T; and the round trip error is bounded.
+    K=80: a partial last block at 32, a single padded block at the default 128."""
     import onnxruntime as ort
     from onnx import helper, numpy_helper
     from dsflow.graphs.onnx_quant import dequantize, quantize
     rng = np.random.default_rng(bits)
     w = rng.standard_normal((96, 80)).astype(np.float32)  # K=80: a partial last block
-    q = quantize(w, bits, 32)
+    q = quantize(w, bits, block)
     node = helper.make_node("MatMulNBits", ["A", "B", "S"], ["Y"], domain="com.microsoft",
-                            K=80, N=96, bits=bits, block_size=32, accuracy_level=0)
+                            K=80, N=96, bits=bits, block_size=block, accuracy_level=0)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", 1, [None, 80])],
                               [helper.make_tensor_value_info("Y", 1, [None, 96])],
                               [numpy_helper.from_array(q.blocks, "B"),
