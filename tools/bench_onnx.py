@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -281,6 +282,11 @@ def main() -> None:
         return
     args.workdir.mkdir(parents=True, exist_ok=True)
     names = [c for c in args.contenders.split(",") if c]
+    known = re.compile(r"(onnx-(fp32|int8|int4)(-b\d+)?(-nospin|-spin)?|mindspore|matvec-fp32"
+                       r"|genai-(fp32|int4)|llama-(f32|f16|q8_0|q4_0))$")
+    unknown = [c for c in names if not known.match(c)]
+    if unknown or not names:
+        p.error(f"--contenders: {','.join(unknown) or 'none given'} (see the list above)")
     formats = [c[len("llama-"):] for c in names if c.startswith("llama-")]
     if formats and not (args.workdir / "ckpt" / "config.json").exists():
         make_checkpoint(args.workdir / "ckpt", args)
