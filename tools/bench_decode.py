@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 
 def make_checkpoint(path: Path, args) -> None:
@@ -48,6 +49,18 @@ def make_checkpoint(path: Path, args) -> None:
     n = sum(p.numel() for p in model.parameters())
     print(f"checkpoint: {n / 1e6:.0f}M parameters, {args.layers} layers, hidden {args.hidden}, "
           f"{args.heads} heads / {args.kv_heads} KV heads", flush=True)
+
+
+def shared_tokenizer() -> Optional[Path]:
+    """The real DeepSeek-Coder tokenizer files: $DSFLOW_SHARED/models, else shared/models
+    beside or above the checkout (as tests/conftest.py finds it); None if absent."""
+    roots = [Path(os.environ["DSFLOW_SHARED"])] if os.environ.get("DSFLOW_SHARED") else []
+    roots += [p / "shared" for p in Path(__file__).resolve().parents[1].parents]
+    for root in roots:
+        path = root / "models" / "deepseek-coder-tokenizer"
+        if path.is_dir():
+            return path
+    return None
 
 
 def prompt_ids(n: int) -> list[int]:

@@ -48,13 +48,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import make_checkpoint, model_arguments, prompt_ids  # noqa: E402
+from bench_decode import (make_checkpoint, model_arguments, prompt_ids,  # noqa: E402
+                          shared_tokenizer)
 
 DEFAULT = "onnx-fp32,onnx-fp32-nospin,onnx-int8,onnx-int4,mindspore,genai-fp32,genai-int4"
 SPIN = {"nospin": "off", "spin": "on"}  # contender suffix -> DSFLOW_ORT_SPIN setting
 LLAMA_TOOL = Path(__file__).resolve().parent / "bench_llamacpp.py"
-# the original DeepSeek-Coder tokenizer files (the GGUF converter hashes the pre-tokenizer)
-SHARED_TOKENIZER = Path(__file__).resolve().parents[2] / "shared/models/deepseek-coder-tokenizer"
 
 
 # ---- artifacts (parent) ----------------------------------------------------------------
@@ -63,8 +62,8 @@ def llama_files(work: Path, formats: list[str], args) -> dict[str, Path]:
     if not args.llama_py:
         sys.exit("bench_onnx: llama-* contenders need --llama-py (or DSFLOW_LLAMA_PY): the "
                  "python of a venv with llama-cpp-python, see tools/bench_llamacpp.py")
-    cmd = [args.llama_py, str(LLAMA_TOOL), "--ckpt", str(work / "ckpt"), "--workdir",
-           str(work / "llamacpp"), "--formats", ",".join(formats), "--threads",
+    cmd = [args.llama_py, str(LLAMA_TOOL), "--ckpt", str(checkpoint(work, args)),
+           "--workdir", str(work / "llamacpp"), "--formats", ",".join(formats), "--threads",
            str(args.threads), "--prepare", "--json", "-"]
     if args.llama_tokenizer:
         cmd += ["--tokenizer", str(args.llama_tokenizer)]
@@ -75,11 +74,17 @@ def llama_files(work: Path, formats: list[str], args) -> dict[str, Path]:
     return {f: Path(report["formats"][f]["file"]) for f in formats}
 
 
-def artifacts(work: Path, contender: str, args) -> Path:
-    """The contender's model directory in `work`, built if missing."""
+def checkpoint(work: Path, args) -> Path:
+    """The benchmark's checkpoint in `work`, made if missing."""
     ckpt = work / "ckpt"
     if not (ckpt / "config.json").exists():
         make_checkpoint(ckpt, args)
+    return ckpt
+
+
+def artifacts(work: Path, contender: str, args) -> Path:
+    """The contender's model directory in `work`, built if missing."""
+    ckpt = checkpoint(work, args)
     from dsflow.export.pipeline.build import BuildOptions, build
     if contender == "matvec-fp32":
         return ckpt
@@ -160,7 +165,6 @@ class MatvecRunner:
             weights.update(load_file(f))
         self.mats = [np.ascontiguousarray(w.T, np.float32) for name, w in weights.items()
                      if w.ndim == 2 and "embed_tokens" not in name]
-        self.bytes = sum(m.nbytes for m in self.mats)
 
     def steps(self, b: int, count: int) -> list[float]:
         x = np.ones((b, max(m.shape[0] for m in self.mats)), np.float32)
@@ -269,8 +273,8 @@ def main() -> None:
                    help="run N busy-looping processes during the rounds (a shared host)")
     p.add_argument("--llama-py", default=os.environ.get("DSFLOW_LLAMA_PY"),
                    help="python of the llama-cpp-python venv (llama-* contenders)")
-    p.add_argument("--llama-tokenizer", type=Path,
-                   default=SHARED_TOKENIZER if SHARED_TOKENIZER.is_dir() else None,
+    # the original files: the GGUF converter hashes the pre-tokenizer's output
+    p.add_argument("--llama-tokenizer", type=Path, default=shared_tokenizer(),
                    help="original DeepSeek-Coder tokenizer files for the GGUF converter")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
@@ -287,9 +291,8 @@ def main() -> None:
     unknown = [c for c in names if not known.match(c)]
     if unknown or not names:
         p.error(f"--contenders: {','.join(unknown) or 'none given'} (see the list above)")
+    checkpoint(args.workdir, args)
     formats = [c[len("llama-"):] for c in names if c.startswith("llama-")]
-    if formats and not (args.workdir / "ckpt" / "config.json").exists():
-        make_checkpoint(args.workdir / "ckpt", args)
     paths = {c: artifacts(args.workdir, c, args) for c in names if not c.startswith("llama-")}
     if formats:
         paths.update({f"llama-{f}": path
@@ -321,7 +324,8 @@ def main() -> None:
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     ms = med.get(("mindspore", 1))
     ga = med.get(("genai-fp32", 1))
-    print(f"\n{args.threads} threads, {args.busy} busy processes, prompt {args.prompt_len}, median step of {args.steps} "
+    print(f"\n{args.threads} threads, {args.busy} busy processes, prompt {args.prompt_len}, "
+          f"median step of {args.steps} "
           f"steps, median over {args.rounds} interleaved rounds; load average "
           f"{min(loads):.1f}-{max(loads):.1f} during the rounds\n")
     cols = " | ".join(f"batch {b} ms/step" for b in args.batches_list)

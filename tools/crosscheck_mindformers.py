@@ -39,7 +39,9 @@ from typing import Callable, Optional
 import numpy as np
 
 TOOLS = Path(__file__).resolve().parent
-REPO = TOOLS.parent
+sys.path.insert(0, str(TOOLS))
+from bench_decode import shared_tokenizer  # noqa: E402  (the standard library only)
+
 SIDE = TOOLS / "mindformers_side.py"
 DEFAULT_VENV = Path.home() / ".cache" / "dsflow" / "mindformers-venv"
 # what the MindFormers venv holds: mindformers 1.9.0 resolves only with mindspore 2.9.0
@@ -149,14 +151,10 @@ def dsflow_tool(name: str, *args: str) -> None:
 # ---- the random checkpoint -----------------------------------------------------------
 
 def tokenizer_dir() -> Path:
-    """The real DeepSeek-Coder tokenizer: $DSFLOW_SHARED/models, else shared/models
-    beside or above the checkout (as tests/conftest.py finds it)."""
-    roots = [Path(os.environ["DSFLOW_SHARED"])] if os.environ.get("DSFLOW_SHARED") else []
-    roots += [p / "shared" for p in REPO.parents]
-    for root in roots:
-        path = root / "models" / "deepseek-coder-tokenizer"
-        if path.is_dir():
-            return path
+    """The real DeepSeek-Coder tokenizer (bench_decode.shared_tokenizer)."""
+    path = shared_tokenizer()
+    if path is not None:
+        return path
     raise CrossCheckError("the DeepSeek-Coder tokenizer was not found in shared/models "
                           "(set DSFLOW_SHARED)")
 
