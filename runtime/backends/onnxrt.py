@@ -234,13 +234,13 @@ class OnnxRuntimeBackend(RankBackend):
                 valid_length: np.ndarray, kv_len: int) -> np.ndarray:
         start = np.asarray(start, np.int32)
         valid_length = np.asarray(valid_length, np.int32)
-        out = np.empty((len(slot_ids), 0), np.float32)
+        calls = []
         for rows in self._graph_calls(start, valid_length):
             seq = max(1, int(valid_length[rows].max()))  # padding past every row's end: not fed
-            logits = self._run(slot_ids[rows], input_ids[rows, :seq], start[rows],
-                               valid_length[rows])
-            if out.shape[1] == 0:
-                out = np.empty((len(slot_ids), logits.shape[1]), np.float32)
+            calls.append((rows, self._run(slot_ids[rows], input_ids[rows, :seq], start[rows],
+                                          valid_length[rows])))
+        out = np.empty((len(slot_ids), calls[0][1].shape[1]), np.float32)
+        for rows, logits in calls:
             out[rows] = logits
         return out
 
