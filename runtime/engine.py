@@ -262,7 +262,7 @@ class Engine:
         that hangs: its processes are killed first)."""
         if self.core is not None and self.core.stalled():
             self.executor.kill()  # the engine thread's step then fails at once
-        self._stop(EngineClosedError("engine restarted before this request finished"))
+        self._stop(self._restart_reason())
         with self._cond:
             self._state, self._detail = "starting", ""
         try:
@@ -271,6 +271,18 @@ class Engine:
             with self._cond:
                 self._state, self._detail = "failed", str(e)
             raise
+
+    def _restart_reason(self) -> BaseException:
+        """What requests still in flight at a restart are ended with: the failure that
+        caused it when one is known (a supervisor may notice a dead rank through
+        health() before the engine thread does, and the client should still learn
+        that a rank died), else a plain "restarted"."""
+        with self._cond:
+            if self._state == "ready" and self.executor is not None:
+                self._notice_dead_worker()
+            if self._state == "failed" and self._detail:
+                return WorkerError(self._detail)
+        return EngineClosedError("engine restarted before this request finished")
 
     def _stop(self, reason: BaseException) -> None:
         if self.core is not None:

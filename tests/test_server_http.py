@@ -24,6 +24,7 @@ import pytest
 
 from conftest import TOKENIZER_DIR, require_shared
 from fakes.engine import FakeEngine, fake_token
+from dsflow.runtime import SamplingParams, WorkerError
 from dsflow.runtime.server.openai_api import ServerOptions
 from dsflow.runtime.server.cli import bind
 from dsflow.runtime.server.lifecycle import DsserveServer, build_server
@@ -478,6 +479,22 @@ def test_worker_failure_errors_in_flight_then_restart():
         r = client.completions.create(model="fake-model", prompt="b", max_tokens=2)
         assert r.usage.completion_tokens == 2
         assert 'dsflow_engine_restarts_total 1.0' in http.get("/metrics").text
+    engine.close()
+
+
+def test_a_restart_ends_in_flight_requests_with_the_failure_that_caused_it():
+    """A supervisor can notice a dead rank (health()) and restart before the engine
+    thread's next step sees it: the request still learns that the rank died."""
+    engine = fake_engine()
+    engine.gate.clear()  # no step runs: only health() can notice the failure
+    handle = engine.submit("a", SamplingParams(max_tokens=4))
+    engine.fail()
+    assert engine.health()["state"] == "failed"
+    engine.restart()
+    with pytest.raises(WorkerError, match="rank 0 exited"):
+        handle.result(DEADLINE_S)
+    engine.gate.set()
+    assert len(engine.generate("b", SamplingParams(max_tokens=2))[0].token_ids) == 2
     engine.close()
 
 
