@@ -6,8 +6,9 @@ shape: hidden 768, 12 layers, 12 heads / 4 KV heads, intermediate 2048, vocab 32
 Every contender runs in a process of its own (one library per process: two thread
 pools in one process steal each other's cores), loads its model, prefills --batch rows of
 a --prompt-len prompt and then waits. The parent asks each in turn for --steps decode
-steps at batch B (A, B, C, A, B, C, ...: every contender sees the same machine), for
---rounds rounds, and reports the median step time. dsflow contenders are measured at
+steps at batch B (A, B, C, then B, C, A, ...: every contender sees the same machine), for
+--rounds rounds, all of that --epochs times with fresh processes (one process can be ~10%
+off for its whole life), and reports the median step time over every round. dsflow contenders are measured at
 the worker backend (runtime/backends/*.py: what a worker runs per step, slot cache
 included); onnxruntime-genai through its Generator (generate_next_token).
 
@@ -259,12 +260,52 @@ def rss_check(work: Path, args) -> None:
           f"{os.getloadavg()[0]:.1f}")
 
 
+def spread(values: list[float]) -> str:
+    return f"{min(values):.1f}-{max(values):.1f}"
+
+
+def run_epoch(names: list[str], paths: dict, args, loads: list[float]) -> dict:
+    """One process per contender, warmed, then --rounds rounds; each round starts at the
+    next contender (rotation: no contender always runs first or after the same one).
+    Fresh processes each epoch because one process's speed stays off by up to ~10% for
+    its whole life (the same model in two processes: 15.2 vs 16.8 ms/step on this host,
+    stable across rounds; its memory placement, presumably), which rounds cannot average
+    out and processes can."""
+    procs = {c: start(c, paths[c], args) for c in names}
+    times: dict = {(c, b): [] for c in names for b in args.batches_list}
+    # --busy N: N spinning processes beside the contenders, a host shared with others
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(args.busy)]
+    try:
+        for c in names:  # warm every shape untimed
+            for b in args.batches_list:
+                ask(procs[c], b)
+        for r in range(args.rounds):
+            loads.append(os.getloadavg()[0])
+            order = names[r % len(names):] + names[:r % len(names)]
+            for b in args.batches_list:
+                for c in order:
+                    times[c, b].append(statistics.median(ask(procs[c], b)))
+            print(f"round {r + 1}: " + "  ".join(
+                f"{c}@{b} {times[c, b][-1] * 1e3:.1f}" for b in args.batches_list for c in names),
+                flush=True)
+    finally:
+        for proc in busy:
+            proc.kill()
+        for proc in procs.values():
+            proc.stdin.close()
+            proc.wait(60)
+    return times
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--contenders", default=DEFAULT)
     p.add_argument("--batches", default="1,8")
     p.add_argument("--steps", type=int, default=16)
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=5, help="rounds per epoch")
+    p.add_argument("--epochs", type=int, default=3,
+                   help="each with fresh contender processes (see run_epoch)")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--workdir", type=Path, default=Path("/tmp/dsflow-bench-serve"))
@@ -291,51 +332,40 @@ def main() -> None:
     unknown = [c for c in names if not known.match(c)]
     if unknown or not names:
         p.error(f"--contenders: {','.join(unknown) or 'none given'} (see the list above)")
+    if args.rounds < 1 or args.epochs < 1:
+        p.error("--rounds and --epochs must be at least 1")
     checkpoint(args.workdir, args)
     formats = [c[len("llama-"):] for c in names if c.startswith("llama-")]
     paths = {c: artifacts(args.workdir, c, args) for c in names if not c.startswith("llama-")}
     if formats:
         paths.update({f"llama-{f}": path
                       for f, path in llama_files(args.workdir, formats, args).items()})
-    procs = {c: start(c, paths[c], args) for c in names}
     times: dict = {(c, b): [] for c in names for b in args.batches_list}
-    loads = []
-    # --busy N: N spinning processes beside the contenders, a host shared with others
-    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
-            for _ in range(args.busy)]
-    try:
-        for c in names:  # warm every shape untimed
-            for b in args.batches_list:
-                ask(procs[c], b)
-        for r in range(args.rounds):
-            loads.append(os.getloadavg()[0])
-            for b in args.batches_list:
-                for c in names:
-                    times[c, b].append(statistics.median(ask(procs[c], b)))
-            print(f"round {r + 1}: " + "  ".join(
-                f"{c}@{b} {times[c, b][-1] * 1e3:.1f}" for b in args.batches_list for c in names),
-                flush=True)
-    finally:
-        for proc in busy:
-            proc.kill()
-        for proc in procs.values():
-            proc.stdin.close()
-            proc.wait(60)
+    per_process: dict = {(c, b): [] for c in names for b in args.batches_list}
+    loads: list[float] = []
+    for epoch in range(args.epochs):
+        print(f"epoch {epoch + 1} of {args.epochs}: fresh processes", flush=True)
+        epoch_times = run_epoch(names, paths, args, loads)
+        for key, samples in epoch_times.items():
+            times[key] += samples
+            per_process[key].append(statistics.median(samples) * 1e3)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     ms = med.get(("mindspore", 1))
     ga = med.get(("genai-fp32", 1))
     print(f"\n{args.threads} threads, {args.busy} busy processes, prompt {args.prompt_len}, "
-          f"median step of {args.steps} "
-          f"steps, median over {args.rounds} interleaved rounds; load average "
+          f"median step of {args.steps} steps, median over {args.epochs} x {args.rounds} "
+          f"interleaved rounds ({args.epochs} processes per contender); load average "
           f"{min(loads):.1f}-{max(loads):.1f} during the rounds\n")
     cols = " | ".join(f"batch {b} ms/step" for b in args.batches_list)
     print(f"| contender | {cols} | b1 x MindSpore | b1 x genai fp32 |")
     print("|---|" + "---|" * (len(args.batches_list) + 2))
     for c in names:
-        row = " | ".join(f"{med[c, b]:.1f}" for b in args.batches_list)
+        row = " | ".join(f"{med[c, b]:.1f} ({spread(per_process[c, b])})"
+                         for b in args.batches_list)
         x_ms = f"{med[c, 1] / ms:.2f}" if ms and 1 in args.batches_list else "-"
         x_ga = f"{med[c, 1] / ga:.2f}" if ga and 1 in args.batches_list else "-"
         print(f"| {c} | {row} | {x_ms} | {x_ga} |")
+    print("(in brackets: the lowest and highest of the per-process medians)")
     if args.rss:
         rss_check(args.workdir, args)
 
