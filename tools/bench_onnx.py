@@ -8,9 +8,10 @@ pools in one process steal each other's cores), loads its model, prefills --batc
 a --prompt-len prompt and then waits. The parent asks each in turn for --steps decode
 steps at batch B (A, B, C, then B, C, A, ...: every contender sees the same machine), for
 --rounds rounds, all of that --epochs times with fresh processes (one process can be ~10%
-off for its whole life), and reports the median step time over every round. dsflow contenders are measured at
-the worker backend (runtime/backends/*.py: what a worker runs per step, slot cache
-included); onnxruntime-genai through its Generator (generate_next_token).
+off for its whole life), and reports the median step time over every round. dsflow
+contenders are measured at the worker backend (runtime/backends/*.py: what a worker runs
+per step, slot cache included); onnxruntime-genai through its Generator
+(generate_next_token).
 
 Contenders (--contenders, comma-separated):
   onnx-fp32, onnx-int8, onnx-int4   dsflow --target onnx [--quant], the backend's default
