@@ -51,6 +51,15 @@ def make_checkpoint(path: Path, args) -> None:
           f"{args.heads} heads / {args.kv_heads} KV heads", flush=True)
 
 
+def workdir_checkpoint(work: Path, args) -> Path:
+    """The benchmark checkpoint in `work` (work/ckpt), made if missing: one model shared
+    by the tools that take a --workdir (bench_decode, bench_serve, bench_onnx)."""
+    ckpt = work / "ckpt"
+    if not (ckpt / "config.json").exists():
+        make_checkpoint(ckpt, args)
+    return ckpt
+
+
 def shared_tokenizer() -> Optional[Path]:
     """The real DeepSeek-Coder tokenizer files: $DSFLOW_SHARED/models, else shared/models
     beside or above the checkout (as tests/conftest.py finds it); None if absent."""
@@ -205,9 +214,7 @@ def main() -> None:
         child_main(args)
         return
     work = args.workdir or Path(tempfile.mkdtemp(prefix="dsflow-bench-"))
-    args.ckpt = work / "ckpt"
-    if not (args.ckpt / "config.json").exists():
-        make_checkpoint(args.ckpt, args)
+    args.ckpt = workdir_checkpoint(work, args)
     from dsflow.export.pipeline.build import BuildOptions, build
     tps = [int(t) for t in args.tp.split(",")]
     for tp in tps:

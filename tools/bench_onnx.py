@@ -50,8 +50,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import (make_checkpoint, model_arguments, prompt_ids,  # noqa: E402
-                          shared_tokenizer)
+from bench_decode import (model_arguments, prompt_ids, shared_tokenizer,  # noqa: E402
+                          workdir_checkpoint)
 
 DEFAULT = "onnx-fp32,onnx-fp32-nospin,onnx-int8,onnx-int4,mindspore,genai-fp32,genai-int4"
 SPIN = {"nospin": "off", "spin": "on"}  # contender suffix -> DSFLOW_ORT_SPIN setting
@@ -64,7 +64,7 @@ def llama_files(work: Path, formats: list[str], args) -> dict[str, Path]:
     if not args.llama_py:
         sys.exit("bench_onnx: llama-* contenders need --llama-py (or DSFLOW_LLAMA_PY): the "
                  "python of a venv with llama-cpp-python, see tools/bench_llamacpp.py")
-    cmd = [args.llama_py, str(LLAMA_TOOL), "--ckpt", str(checkpoint(work, args)),
+    cmd = [args.llama_py, str(LLAMA_TOOL), "--ckpt", str(workdir_checkpoint(work, args)),
            "--workdir", str(work / "llamacpp"), "--formats", ",".join(formats), "--threads",
            str(args.threads), "--prepare", "--json", "-"]
     if args.llama_tokenizer:
@@ -76,17 +76,9 @@ def llama_files(work: Path, formats: list[str], args) -> dict[str, Path]:
     return {f: Path(report["formats"][f]["file"]) for f in formats}
 
 
-def checkpoint(work: Path, args) -> Path:
-    """The benchmark's checkpoint in `work`, made if missing."""
-    ckpt = work / "ckpt"
-    if not (ckpt / "config.json").exists():
-        make_checkpoint(ckpt, args)
-    return ckpt
-
-
 def artifacts(work: Path, contender: str, args) -> Path:
     """The contender's model directory in `work`, built if missing."""
-    ckpt = checkpoint(work, args)
+    ckpt = workdir_checkpoint(work, args)
     from dsflow.export.pipeline.build import BuildOptions, build
     if contender == "matvec-fp32":
         return ckpt
@@ -335,7 +327,7 @@ def main() -> None:
         p.error(f"--contenders: {','.join(unknown) or 'none given'} (see the list above)")
     if args.rounds < 1 or args.epochs < 1:
         p.error("--rounds and --epochs must be at least 1")
-    checkpoint(args.workdir, args)
+    workdir_checkpoint(args.workdir, args)
     formats = [c[len("llama-"):] for c in names if c.startswith("llama-")]
     paths = {c: artifacts(args.workdir, c, args) for c in names if not c.startswith("llama-")}
     if formats:

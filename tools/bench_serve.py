@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import make_checkpoint, model_arguments, prompt_ids  # noqa: E402
+from bench_decode import model_arguments, prompt_ids, workdir_checkpoint  # noqa: E402
 
 PROMPT_LENS = (16, 24, 32, 40, 48, 56, 64, 72)
 
@@ -46,10 +46,8 @@ def serve_artifacts(work: Path, args) -> Path:
     """The benchmark model's checkpoint and tp=1 artifacts in `work`, made if missing
     (also used by tools/bench_batch_scaling.py, which measures the same model)."""
     target = getattr(args, "target", "cpu")
-    ckpt = work / "ckpt"
+    ckpt = workdir_checkpoint(work, args)
     art = work / ("art-serve-tp1" if target == "cpu" else f"art-serve-{target}")
-    if not (ckpt / "config.json").exists():
-        make_checkpoint(ckpt, args)
     if not (art / "manifest.json").exists():
         from dsflow.export.pipeline.build import BuildOptions, build
         build(BuildOptions(model_dir=ckpt, out=art, tp=1, max_seq_len=1024, target=target))
