@@ -255,8 +255,6 @@ class OnnxRuntimeBackend(RankBackend):
         tokens. Padding is written only by first chunks, up to the longest of them: inside
         every slot (tests/test_onnx.py)."""
         rows = np.arange(len(start))
-        if len(rows) == 1:
-            return [rows]
         first = rows[start == 0]
         single = rows[(valid_length == 1) & (start > 0)]
         alone = rows[(start > 0) & (valid_length != 1)]  # every row is in one group
